@@ -1,0 +1,1 @@
+"""The `mla-mnist` command line and benchmark harness (imports a framework only when asked for one)."""

@@ -1,0 +1,116 @@
+"""Framework dispatch: the CLI talks to mla_torch or mla_mlx through this one small surface."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import UserError
+
+FRAMEWORKS = ("torch", "mlx")
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "small"
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def default_framework(prefer: tuple[str, ...] = ("mlx", "torch")) -> str:
+    for fw in prefer:
+        if installed(fw):
+            return fw
+    raise UserError("neither torch nor mlx is installed: pip install 'mla-mnist[mlx]' or 'mla-mnist[torch]'")
+
+
+class Backend:
+    """Numpy in, numpy out, whichever framework runs underneath."""
+
+    def __init__(self, framework: str, device: str = "auto"):
+        if framework not in FRAMEWORKS:
+            raise UserError(f"unknown framework {framework!r}: choose torch or mlx")
+        if not installed(framework):
+            raise UserError(f"--framework {framework} needs {framework}: pip install 'mla-mnist[{framework}]'")
+        self.name = framework
+        if framework == "torch":
+            import torch
+
+            import mla_torch as fw
+            from mla_torch.train import Trainer
+
+            self.torch = torch
+            self.device = self._torch_device(device)
+        else:
+            import mlx.core as mx
+
+            import mla_mlx as fw
+            from mla_mlx.train import Trainer
+
+            self.mx = mx
+            if device not in ("auto", "cpu", "gpu"):
+                raise UserError(f"--device {device} is not an MLX device: use auto, cpu or gpu")
+            if device != "auto":
+                mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
+            self.device = str(mx.default_device())
+        self.fw, self.Trainer = fw, Trainer
+
+    def _torch_device(self, device):
+        torch = self.torch
+        if device == "auto":
+            if torch.cuda.is_available():
+                return "cuda"
+            return "mps" if torch.backends.mps.is_available() else "cpu"
+        if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+            raise UserError(f"--device {device} is not a torch device: use auto, cpu, cuda or mps")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps asked for, but MPS is not available: use --device cpu")
+        return device
+
+    # ---- models -----------------------------------------------------------------------------
+    def build(self, config, seed=0):
+        model = self.fw.build(config, seed)
+        return model.to(self.device) if self.name == "torch" else model
+
+    def load(self, path, weights="model.safetensors", dtype="float32"):
+        if self.name == "torch":
+            return self.fw.load(path, device=self.device, dtype=getattr(self.torch, dtype), weights=weights)
+        return self.fw.load(path, dtype=getattr(self.mx, dtype), weights=weights)
+
+    def save(self, model, path, **kwargs):
+        return self.fw.save(model, path, **kwargs)
+
+    def weights(self, model) -> dict[str, np.ndarray]:
+        from importlib import import_module
+
+        return import_module(f"{self.fw.__name__}.checkpoint").to_numpy(model)
+
+    def load_weights(self, model, weights: dict[str, np.ndarray]):
+        from importlib import import_module
+
+        import_module(f"{self.fw.__name__}.checkpoint").from_numpy(model, weights)
+        if self.name == "torch":
+            model.to(self.device)
+        return model
+
+    def generate(self, model, images: np.ndarray, **kwargs) -> np.ndarray:
+        out = self.fw.generate(model, self.array(images), **kwargs)
+        return self.numpy(out)
+
+    def array(self, x: np.ndarray):
+        if self.name == "torch":
+            return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return self.mx.array(x)
+
+    def numpy(self, x) -> np.ndarray:
+        if self.name == "torch":
+            return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
+        return np.array(x.astype(self.mx.float32) if x.dtype in (self.mx.bfloat16, self.mx.float16) else x)
+
+    def synchronize(self):
+        if self.name == "torch":
+            if str(self.device).startswith("cuda"):
+                self.torch.cuda.synchronize()
+        else:
+            self.mx.synchronize()

@@ -1,0 +1,166 @@
+"""`mla-mnist`: train, eval, predict, show, make-grid, convert, bench.
+
+Every user-fixable problem is a UserError: one line on stderr, exit code 2, no traceback (--debug shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from convert.errors import UserError
+
+from .backends import DEFAULT_CHECKPOINT, FRAMEWORKS, default_framework
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def nonneg_int(text):
+    v = int(text) if text.lstrip("-").isdigit() else None
+    if v is None or v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def common(sp, framework_default=None):
+        sp.add_argument("--framework", choices=FRAMEWORKS, default=framework_default,
+                        help="torch or mlx (default: mlx where installed, else torch)")
+        sp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (torch) or gpu (mlx)")
+        sp.add_argument("--data-dir", help="folder with the four MNIST files (else $MLA_MNIST_DIR, else a cache)")
+
+    t = sub.add_parser("train", help="train a model")
+    common(t)
+    t.add_argument("--preset", help="tiny | small | seed (default small)")
+    t.add_argument("--config", type=Path, help="a model config JSON (instead of --preset)")
+    t.add_argument("--attention", choices=("mla", "mha"), help="override the preset's attention")
+    t.add_argument("--epochs", type=positive_int)
+    t.add_argument("--batch-size", type=positive_int)
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--warmup", type=nonneg_int)
+    t.add_argument("--weight-decay", type=nonneg_float)
+    t.add_argument("--label-smoothing", type=nonneg_float)
+    t.add_argument("--train-samples", type=positive_int, help="grids per epoch")
+    t.add_argument("--val-samples", type=positive_int, default=512)
+    t.add_argument("--augment", action="store_true", default=None, help="shift digits by up to 2 px")
+    t.add_argument("--seed", type=nonneg_int)
+    t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
+    t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")
+    t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N (schedule unchanged)")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    t.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="greedy evaluation on fixed test grids")
+    e.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT)
+    common(e)
+    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--samples", type=positive_int, default=1000)
+    e.add_argument("--batch-size", type=positive_int, default=250)
+    e.add_argument("--weights", choices=("last", "best"), default="last")
+    e.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("make-grid", help="render a grid of real MNIST digits to a PNG and print its label")
+    g.add_argument("out", type=Path)
+    g.add_argument("--grid", type=positive_int, default=4)
+    g.add_argument("--digits", type=positive_int, help="how many cells hold a digit (default random)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--split", choices=("test", "val", "train"), default="test")
+    g.add_argument("--data-dir")
+
+    pr = sub.add_parser("predict", help="read the digits in grid images (PNG/JPEG)")
+    pr.add_argument("images", nargs="+", type=Path)
+    common(pr)
+    pr.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    pr.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("show", help="draw an image with its prediction and cross-attention maps")
+    s.add_argument("checkpoint", type=Path)
+    s.add_argument("image", type=Path)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--device", default="auto")
+
+    c = sub.add_parser("convert", help="convert checkpoints and weight files between formats")
+    c.add_argument("src", type=Path)
+    c.add_argument("dst", type=Path)
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    c.add_argument("--preset")
+    c.add_argument("--config", type=Path)
+    c.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
+    c.add_argument("--quantize", type=int, choices=(4, 8))
+    c.add_argument("--group-size", type=int, choices=(32, 64), default=64)
+
+    b = sub.add_parser("bench", help="generation and training throughput, cache bytes (JSON, table, plot)")
+    b.add_argument("--preset", default="seed")
+    b.add_argument("--checkpoint", type=Path)
+    b.add_argument("--batch-size", type=positive_int, default=4)
+    b.add_argument("--lengths", default="10,20,30,50")
+    b.add_argument("--frameworks", default="torch,mlx")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--repeats", type=positive_int, default=3)
+    b.add_argument("--train-steps", type=nonneg_int, default=5)
+    b.add_argument("--json", type=Path)
+    b.add_argument("--plot", type=Path)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands
+
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"mla-mnist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mla-mnist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The training loop both frameworks share: data stream, schedule, progress, validation, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from convert import checkpoint, safetensors_np
+from convert.config import ModelConfig
+from convert.errors import UserError
+from convert.training import TrainConfig
+from mnist_grid import GridStream, decode, evaluate
+
+from .evaluation import EVAL_SEED, predict_tokens
+
+STATE = "train_state.json"
+OPTIMIZER = "optimizer.safetensors"
+
+
+@dataclass
+class RunSpec:
+    """Everything that fixes a run's data order and schedule: resume refuses to change it."""
+    epochs: int
+    batch_size: int
+    train_samples: int
+    seed: int
+    augment: bool
+    train: TrainConfig
+
+    @property
+    def steps_per_epoch(self):
+        return self.train_samples // self.batch_size
+
+    def to_dict(self):
+        d = {k: getattr(self, k) for k in ("epochs", "batch_size", "train_samples", "seed", "augment")}
+        return {**d, "train": self.train.to_dict()}
+
+
+def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
+    path = checkpoint.resolve(path)
+    if not (path / STATE).is_file() or not (path / OPTIMIZER).is_file():
+        raise UserError(f"{path} has no training state ({STATE}, {OPTIMIZER}): it can be evaluated, not resumed; "
+                        "resume from the --out directory of a training run")
+    state = json.loads((path / STATE).read_text())
+    arrays, _, _ = safetensors_np.read(path / OPTIMIZER)
+    return state, arrays
+
+
+class Progress:
+    """tqdm bar with loss, lr, samples/s; reads the loss back only every few steps to avoid host syncs."""
+
+    def __init__(self, total, initial, batch_size, quiet):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=quiet,
+                        mininterval=0.5)
+        self.batch_size, self.t0, self.n0 = batch_size, time.perf_counter(), initial
+
+    def update(self, step, loss, lr, every=10):
+        self.bar.update(1)
+        if step % every == 0 or step == self.bar.total:
+            rate = (step - self.n0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+
+    def close(self):
+        self.bar.close()
+
+
+def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None, data_dir=None,
+          resume=None, val_samples=512, save_every=0, max_steps=0, bf16=False, quiet=False,
+          rank=0, world=1, log=print) -> dict:
+    """Train, validating and checkpointing to `out` after every epoch; returns the final metrics."""
+    out = Path(out)
+    stream = GridStream("train", config.grid, spec.seed, data_dir, augment=spec.augment)
+    val_x, val_y = GridStream("val", config.grid, 0, data_dir).fixed(val_samples, seed=EVAL_SEED)
+    model = backend.build(config, seed=spec.seed)
+    if world > 1:
+        model = backend.distribute(model)
+    trainer = backend.Trainer(model, spec.train, device=backend.device, bf16=bf16)
+    history, best = [], None
+    if resume is not None:
+        state, arrays = read_state(resume)
+        saved_cfg, _ = checkpoint.read_config(resume)
+        if saved_cfg != config:
+            raise UserError(f"--resume {resume}: the checkpoint's model config differs from the one asked for; "
+                            "drop --preset/--config to continue with the checkpoint's own")
+        if state["spec"] != spec.to_dict():
+            diff = [k for k in state["spec"] if state["spec"][k] != spec.to_dict().get(k)]
+            raise UserError(f"--resume {resume}: {', '.join(diff)} differ from the interrupted run's; resume "
+                            "continues the same run, so leave them as they were")
+        _, weights, _ = checkpoint.load(resume)
+        backend.load_weights(model, weights)
+        trainer.load_state(arrays)
+        history, best = state.get("history", []), state.get("best")
+    start = trainer.step_count
+    total = spec.epochs * spec.steps_per_epoch
+    stop_at = min(total, max_steps) if max_steps else total
+    if rank == 0:
+        log(f"training {config.attention} model ({sum(int(np.prod(s)) for s in _shapes(config))/1e6:.2f}M params) "
+            f"on {backend.name}:{backend.device}, {spec.epochs} epoch(s) x {spec.steps_per_epoch} steps of "
+            f"{spec.batch_size} grids, from step {start}")
+    progress = Progress(stop_at, start, spec.batch_size, quiet or rank != 0)
+    t_epoch, losses = time.perf_counter(), []
+    step = start
+    for step in range(start, stop_at):
+        epoch, index = divmod(step, spec.steps_per_epoch)
+        x, y = stream.batch(epoch, index, spec.batch_size, rank, world)
+        loss, _ = trainer.step(x, y)
+        losses.append(loss)
+        progress.update(step + 1, loss, spec.train.lr_at(step))
+        end_of_epoch = (step + 1) % spec.steps_per_epoch == 0
+        if end_of_epoch or (save_every and (step + 1) % save_every == 0) or step + 1 == stop_at:
+            record = None
+            if end_of_epoch or step + 1 == stop_at:
+                train_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
+                if not math.isfinite(train_loss):
+                    raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); the last good "
+                                    f"checkpoint in {out} is kept: lower --lr")
+                record = _validate(backend, model, trainer, val_x, val_y, epoch + (index + 1) / spec.steps_per_epoch,
+                                   step + 1, train_loss, spec, time.perf_counter() - t_epoch, len(losses))
+                history.append(record)
+                losses, t_epoch = [], time.perf_counter()
+                if rank == 0:
+                    progress.bar.write(_line(record))
+            if rank == 0:
+                improved = record is not None and (best is None or record["val_exact_match"] >= best["val_exact_match"])
+                if improved:
+                    best = record
+                _save(backend, model, trainer, out, config, preset, spec, history, best, improved)
+    progress.close()
+    return {"history": history, "best": best, "step": step + 1 if stop_at > start else start}
+
+
+def _shapes(config):
+    from convert.schema import schema
+
+    return schema(config).values()
+
+
+def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, spec, seconds, steps):
+    val_loss = float(np.mean([trainer.eval_loss(val_x[i:i + 256], val_y[i:i + 256])
+                              for i in range(0, len(val_x), 256)]))
+    m = evaluate(decode(predict_tokens(backend, model, val_x)), decode(val_y))
+    return {"epoch": round(epoch, 4), "step": step, "lr": spec.train.lr_at(step - 1), "train_loss": train_loss,
+            "val_loss": val_loss, "val_exact_match": m["exact_match"], "val_digit_accuracy": m["digit_accuracy"],
+            "samples_per_s": steps * spec.batch_size / max(seconds, 1e-9), "seconds": seconds}
+
+
+def _line(r):
+    return (f"epoch {r['epoch']:.2f} step {r['step']}: train loss {r['train_loss']:.4f}  val loss "
+            f"{r['val_loss']:.4f}  val exact {r['val_exact_match']:.2%}  val digits {r['val_digit_accuracy']:.2%}  "
+            f"{r['samples_per_s']:.0f} samples/s")
+
+
+def _save(backend, model, trainer, out, config, preset, spec, history, best, improved):
+    weights = backend.weights(model)
+    state = {"step": trainer.step_count, "framework": backend.name, "spec": spec.to_dict(),
+             "history": history, "best": best}
+    files = {STATE: json.dumps(state, indent=2).encode(),
+             OPTIMIZER: lambda p: safetensors_np.write(p, trainer.state())}
+    if improved:
+        files[checkpoint.BEST] = lambda p: safetensors_np.write(p, weights)
+    metrics = {"history": history, "best": best, "framework": backend.name}
+    checkpoint.save(out, config, weights, preset=preset, metrics=metrics, files=files, keep=(checkpoint.BEST,))

@@ -1,0 +1,73 @@
+"""Batched autoregressive decoding: greedy or sampled, with the latent cache or the original full re-run."""
+from __future__ import annotations
+
+import torch
+
+from mnist_grid.tokens import FINISH, PAD, START
+
+
+def sample(logits, temperature: float, top_k: int | None, generator):
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, images, max_length: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             seed: int | None = None, cache: bool = True, absorb: bool = True, stop: bool = True,
+             return_cache: bool = False):
+    """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
+
+    cache=False is the original algorithm (every step re-runs the whole prefix and re-expands the
+    cross-attention K/V). absorb picks the absorbed (latent-space) or expanded form for cached MLA decoding.
+    stop=False forces every row to run max_length steps (benchmarks).
+    """
+    cfg = model.config
+    max_length = max_length or cfg.max_tokens
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    device = model.head.weight.device
+    images = torch.as_tensor(images, device=device)
+    b = images.shape[0]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    absorb = absorb and cfg.attention == "mla"
+    enc = model.encode(images)
+    tokens = torch.full((b, max_length), PAD, dtype=torch.long, device=device)
+    tokens[:, 0] = START
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    dc = model.new_cache(b, max_length, model.memories(enc, absorb)) if cache else None
+    for t in range(1, max_length):
+        if dc is not None:
+            logits = model.decode(tokens[:, t - 1:t], dc.memories, dc, absorb=absorb)[:, -1]
+        else:
+            logits = model.decode(tokens[:, :t], model.memories(enc))[:, -1]
+        nxt = sample(logits, temperature, top_k, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, PAD), nxt)
+        tokens[:, t] = nxt
+        finished |= nxt == FINISH
+        if stop and bool(finished.all()):
+            break
+    model.train(was_training)
+    return (tokens, dc) if return_cache else tokens
+
+
+@torch.no_grad()
+def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
+    """Teacher-forced per-step logits [B, T, vocab] through the decoding path (for cache tests)."""
+    model.eval()
+    enc = model.encode(images)
+    if not cache:
+        return torch.stack([model.decode(tokens[:, : t + 1], model.memories(enc))[:, -1]
+                            for t in range(tokens.shape[1])], dim=1)
+    absorb = absorb and model.config.attention == "mla"
+    dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
+    return torch.cat([model.decode(tokens[:, t:t + 1], dc.memories, dc, absorb=absorb)
+                      for t in range(tokens.shape[1])], dim=1)

@@ -1,0 +1,125 @@
+"""Composing G x G grids of MNIST digits, vectorised over the batch.
+
+Composition is split in two so distributed training can shard it: `draw` consumes all the
+randomness of a global batch (cheap: a few ints per cell), `render` builds any slice of its rows.
+"""
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from convert.errors import UserError
+
+from .mnist import digits
+from .tokens import FINISH, PAD, START, max_tokens
+
+CELL = 28
+SHIFT = 2  # augmentation: per-digit shift of up to +-SHIFT px inside its cell
+SPLIT_ID = {"train": 0, "val": 1, "test": 2}
+
+
+class Draw(NamedTuple):
+    k: np.ndarray  # [n] number of digits per grid
+    occupied: np.ndarray  # [n, G*G] bool, cells in reading order
+    index: np.ndarray  # [n, G*G] pool index of each cell's digit, -1 where empty
+    shift: Optional[np.ndarray] = None  # [n, G*G, 2] (dy, dx) or None without augmentation
+
+
+def draw(grid, n, pool_size, rng, k=None, shift=0):
+    """All random choices for n grids: k ~ U{1..G*G}, which cells, which digits, shifts."""
+    cells = grid * grid
+    if k is None:
+        k = rng.integers(1, cells + 1, size=n)
+    else:
+        k = np.broadcast_to(np.asarray(k, dtype=np.int64), (n,)).copy()
+        if k.size and (k.min() < 1 or k.max() > cells):
+            raise UserError(f"the number of digits must be between 1 and {cells} for a {grid}x{grid} "
+                            f"grid, got {k.min() if k.min() < 1 else k.max()}; pick a value in range")
+    # A uniformly random set of k cells: the k smallest of i.i.d. uniform keys.
+    rank = np.argsort(np.argsort(rng.random((n, cells)), axis=1), axis=1)
+    occupied = rank < k[:, None]
+    index = np.where(occupied, rng.integers(0, pool_size, size=(n, cells)), -1)
+    offsets = rng.integers(-shift, shift + 1, size=(n, cells, 2)) if shift else None
+    return Draw(k, occupied, index, offsets)
+
+
+def _shifted(cells, offsets):
+    """Move each [28, 28] digit by its own (dy, dx), filling with zeros (one gather, no loop)."""
+    m = len(cells)
+    pad = int(np.abs(offsets).max(initial=0))
+    if pad == 0:
+        return cells
+    size = CELL + 2 * pad
+    padded = np.pad(cells, ((0, 0), (pad, pad), (pad, pad)))
+    ar = np.arange(CELL)
+    ys = (pad - offsets[:, 0])[:, None] + ar  # out[y, x] = in[y - dy, x - dx]
+    xs = (pad - offsets[:, 1])[:, None] + ar
+    flat = (ys[:, :, None] * size + xs[:, None, :]).reshape(m, -1)
+    return np.take_along_axis(padded.reshape(m, -1), flat, axis=1).reshape(m, CELL, CELL)
+
+
+def render(images, labels, grid, d, rows=slice(None)):
+    """Images float32 [m, G*28, G*28] in [0, 1] and tokens int64 [m, G*G+2] for rows of a Draw."""
+    occupied, index, k = d.occupied[rows], d.index[rows], d.k[rows]
+    m, cells = occupied.shape
+    safe = np.where(occupied, index, 0)
+    tiles = images[safe.reshape(-1)] * occupied.reshape(-1, 1, 1).astype(images.dtype)
+    if d.shift is not None:
+        tiles = _shifted(tiles, d.shift[rows].reshape(-1, 2))
+    x = tiles.reshape(m, grid, grid, CELL, CELL).transpose(0, 1, 3, 2, 4)
+    x = x.reshape(m, grid * CELL, grid * CELL).astype(np.float32) / np.float32(255)
+
+    tokens = np.full((m, max_tokens(grid)), PAD, dtype=np.int64)
+    tokens[:, 0] = START
+    r, c = np.nonzero(occupied)  # row-major, so digits come out in reading order
+    position = np.cumsum(occupied, axis=1)[r, c]  # 1-based slot after <start>
+    tokens[r, position] = labels[index[r, c]]
+    tokens[np.arange(m), k + 1] = FINISH
+    return x, tokens
+
+
+def compose(images, labels, grid, n, rng, k=None):
+    """n random grids from an image pool: (x float32 [n, G*28, G*28], tokens int64 [n, G*G+2])."""
+    return render(images, labels, grid, draw(grid, n, len(labels), rng, k=k))
+
+
+class GridStream:
+    """Deterministic, shardable batches of grids built from one split of MNIST."""
+
+    def __init__(self, split, grid, seed, data_dir=None, augment=False):
+        if not isinstance(grid, (int, np.integer)) or grid < 1:
+            raise UserError(f"grid size must be a positive integer, got {grid!r}; use e.g. 4")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UserError(f"seed must be a non-negative integer, got {seed!r}; use e.g. 0")
+        self.images, self.labels = digits(split, data_dir)
+        self.split, self.grid, self.seed, self.augment = split, int(grid), int(seed), augment
+        self.split_id = SPLIT_ID[split]
+
+    def draw(self, rng, n, k=None, augment=None):
+        shift = SHIFT if (self.augment if augment is None else augment) else 0
+        return draw(self.grid, n, len(self.labels), rng, k=k, shift=shift)
+
+    def batch(self, epoch, index, batch_size, rank=0, world=1):
+        """This rank's share of global batch `index` of `epoch` (ranks concatenate to the whole)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of size {world}")
+        rng = np.random.default_rng([self.seed, epoch, index, self.split_id])
+        rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        return render(self.images, self.labels, self.grid, self.draw(rng, batch_size), rows)
+
+    def batches(self, epoch, n_samples, batch_size, rank=0, world=1):
+        """Batches covering n_samples grids of one epoch; the last may be smaller."""
+        for index, start in enumerate(range(0, n_samples, batch_size)):
+            yield self.batch(epoch, index, min(batch_size, n_samples - start), rank, world)
+
+    def fixed(self, n, seed=0, k=None, chunk=1024):
+        """A fixed evaluation set of n grids, the same for every caller; never augmented."""
+        rng = np.random.default_rng([seed, 2**31 - 1, self.split_id])
+        d = self.draw(rng, n, k=k, augment=False)
+        side = self.grid * CELL
+        x = np.empty((n, side, side), dtype=np.float32)
+        tokens = np.empty((n, max_tokens(self.grid)), dtype=np.int64)
+        for start in range(0, n, chunk):  # bounds the uint8 -> float32 intermediates
+            rows = slice(start, min(start + chunk, n))
+            x[rows], tokens[rows] = render(self.images, self.labels, self.grid, d, rows)
+        return x, tokens

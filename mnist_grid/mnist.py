@@ -1,0 +1,165 @@
+"""Reading (and if needed fetching) the four MNIST IDX files, checked against the published md5."""
+
+import functools
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import UserError
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+FILES = {"train": (TRAIN_IMAGES, TRAIN_LABELS), "test": (TEST_IMAGES, TEST_LABELS)}
+# md5 of the decompressed content: the .gz wrappers differ between mirrors.
+MD5 = {
+    TRAIN_IMAGES: "6bbc9ace898e44ae57da46a324031adb",
+    TRAIN_LABELS: "a25bea736e30d166cdddb491f175f624",
+    TEST_IMAGES: "2646ac647ad5339dbf082846283269ea",
+    TEST_LABELS: "27ae3e4e09519cfbb04c329615203637",
+}
+MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+TIMEOUT_S = 20
+N_VAL = 5000  # last 5,000 training images, held out for validation
+
+_IDX = {2051: 3, 2049: 1}  # magic -> number of dimensions (images, labels)
+_verified = set()
+
+
+def resolve_data_dir(data_dir=None):
+    """The MNIST directory: the argument, else $MLA_MNIST_DIR, else a per-user cache dir."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("MLA_MNIST_DIR"):
+        return Path(os.environ["MLA_MNIST_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mla-mnist" / "mnist"
+
+
+def _find(directory, name):
+    for candidate in (directory / name, directory / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read(path):
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"cannot read {path} ({e}); delete it and re-download") from None
+
+
+def _parse(path, data):
+    """Array from IDX bytes, after checking magic, dimensions and size."""
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    ndim = _IDX.get(magic)
+    header = 4 + 4 * (ndim or 0)
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim or 0)]
+    if ndim is None or len(data) < header or len(data) != header + int(np.prod(dims)):
+        raise UserError(f"{path} has a wrong IDX header or size (not an MNIST file, or truncated); "
+                        "delete it and re-download it")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _verify(path, name, data):
+    key = str(path.resolve())
+    if key in _verified:
+        return
+    digest = hashlib.md5(data).hexdigest()
+    if digest != MD5[name]:
+        raise UserError(f"checksum mismatch for {path}: md5 {digest}, expected {MD5[name]}; "
+                        "the file is corrupt or not the original MNIST, delete it and re-download")
+    _verified.add(key)
+
+
+def _load_file(path, name):
+    data = _read(path)
+    array = _parse(path, data)
+    _verify(path, name, data)
+    return array
+
+
+def _fetch(directory, name):
+    """Download NAME.gz from the first mirror that answers; returns an error string or None."""
+    errors = []
+    for mirror in MIRRORS:
+        try:
+            with urllib.request.urlopen(mirror + name + ".gz", timeout=TIMEOUT_S) as r:
+                blob = r.read()
+            if hashlib.md5(gzip.decompress(blob)).hexdigest() != MD5[name]:
+                raise ValueError("checksum mismatch")
+        except Exception as e:  # any network or format failure: try the next mirror
+            errors.append(f"{mirror}: {e}")
+            continue
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, directory / (name + ".gz"))
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return None
+    return "; ".join(errors)
+
+
+def _download(directory, names):
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        errors = [_fetch(directory, name) for name in names]
+    except OSError as e:
+        raise UserError(f"cannot write the MNIST directory {directory} ({e.strerror or e}); "
+                        "pass --data-dir or set MLA_MNIST_DIR to a writable directory") from None
+    return [e for e in errors if e]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(directory, split):
+    arrays = [_load_file(_find(Path(directory), name), name) for name in FILES[split]]
+    images, labels = arrays
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise UserError(f"the MNIST {split} files in {directory} do not match each other; "
+                        "delete them and re-download")
+    return images, labels
+
+
+def load_split(split, data_dir=None, download=True):
+    """(images uint8 [N, 28, 28], labels uint8 [N]) of the MNIST 'train' or 'test' file pair."""
+    if split not in FILES:
+        raise UserError(f"unknown MNIST split {split!r}; use 'train' or 'test'")
+    directory = resolve_data_dir(data_dir).resolve()
+    missing = [name for name in FILES[split] if _find(directory, name) is None]
+    errors = _download(directory, missing) if missing and download else []
+    missing = [name for name in missing if _find(directory, name) is None]
+    if missing:
+        why = f" (download failed: {errors[0]})" if errors else ""
+        raise UserError(
+            f"MNIST files missing from {directory}: {', '.join(missing)}{why}; put them there "
+            "(plain or .gz), or point --data-dir or MLA_MNIST_DIR at a directory that has them")
+    return _load_cached(str(directory), split)
+
+
+def digits(split, data_dir=None):
+    """The model's splits: 'train' (first 55,000), 'val' (last 5,000 of train), 'test' (10,000)."""
+    if split not in ("train", "val", "test"):
+        raise UserError(f"unknown split {split!r}; use 'train', 'val' or 'test'")
+    images, labels = load_split("test" if split == "test" else "train", data_dir)
+    if split == "train":
+        return images[:-N_VAL], labels[:-N_VAL]
+    if split == "val":
+        return images[-N_VAL:], labels[-N_VAL:]
+    return images, labels

@@ -1,0 +1,49 @@
+"""Token vocabulary for the decoder: the ten digits plus three control tokens."""
+
+import numpy as np
+
+from convert.errors import UserError
+
+START, FINISH, PAD = 10, 11, 12
+VOCAB = 13
+
+
+def max_tokens(grid):
+    """Longest target for a grid: every cell filled, plus <start> and <finish>."""
+    return grid * grid + 2
+
+
+def encode(digit_lists, length):
+    """Rows `<start> d1..dk <finish> <pad>...` of `length` tokens (int64 [B, length])."""
+    out = np.full((len(digit_lists), length), PAD, dtype=np.int64)
+    for row, digits in enumerate(digit_lists):
+        try:
+            seq = [int(d) for d in digits]  # accepts "307" as well as [3, 0, 7]
+        except (TypeError, ValueError):
+            seq = [-1]
+        if any(d < 0 or d > 9 for d in seq):
+            raise UserError(f"digit sequence {digits!r} has values outside 0-9; pass digits only")
+        if len(seq) + 2 > length:
+            raise UserError(
+                f"{len(seq)} digits need {len(seq) + 2} tokens but the sequence length is {length}; "
+                "use fewer digits or a longer sequence length")
+        out[row, 0] = START
+        out[row, 1:len(seq) + 1] = seq
+        out[row, len(seq) + 1] = FINISH
+    return out
+
+
+def decode(tokens):
+    """Digit strings read after an optional <start> up to the first non-digit token."""
+    result = []
+    for row in tokens:
+        row = [int(t) for t in np.asarray(row).reshape(-1)]
+        if row and row[0] == START:
+            row = row[1:]
+        digits = []
+        for t in row:
+            if not 0 <= t <= 9:
+                break
+            digits.append(str(t))
+        result.append("".join(digits))
+    return result
