@@ -1,0 +1,80 @@
+"""Decoding caches. MLA keeps only the latent c and the shared rotary key k_pe per position."""
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def _nbytes(*arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+class LatentCache:
+    """One MLA self-attention layer: c [B, L, kv_rank] and k_pe [B, L, rope_dim], preallocated for L positions."""
+
+    def __init__(self, batch, max_length, kv_rank, rope_dim, dtype):
+        self.c = mx.zeros((batch, max_length, kv_rank), dtype=dtype)
+        self.k_pe = mx.zeros((batch, max_length, rope_dim), dtype=dtype)
+        self.length = 0
+
+    def update(self, c, k_pe):
+        start, end = self.length, self.length + c.shape[1]
+        self.c[:, start:end] = c
+        self.k_pe[:, start:end] = k_pe
+        self.length = end
+        return self.c[:, :end], self.k_pe[:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.c, self.k_pe)
+
+
+class KVCache:
+    """One MHA self-attention layer: post-RoPE k and v [B, H, L, head_dim]."""
+
+    def __init__(self, batch, max_length, heads, head_dim, dtype):
+        self.k = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
+        self.v = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
+        self.length = 0
+
+    def update(self, k, v):
+        start, end = self.length, self.length + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v)
+
+
+class DecoderCache:
+    """Per decoder layer: a self-attention cache and the cross-attention memory computed once per image."""
+
+    def __init__(self, layers: list, memories: list[dict]):
+        self.layers, self.memories = layers, memories
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def self_nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def cross_nbytes(self) -> int:
+        return sum(_nbytes(*m.values()) for m in self.memories)
+
+    @property
+    def nbytes(self) -> int:
+        return self.self_nbytes + self.cross_nbytes
+
+
+def new_cache(cfg, batch, max_length, memories, dtype) -> DecoderCache:
+    if cfg.attention == "mla":
+        layers = [LatentCache(batch, max_length, cfg.dec_kv_rank, cfg.rope_dim, dtype)
+                  for _ in range(cfg.dec_layers)]
+    else:
+        layers = [KVCache(batch, max_length, cfg.heads, cfg.head_dim, dtype) for _ in range(cfg.dec_layers)]
+    return DecoderCache(layers, memories)

@@ -1,0 +1,75 @@
+"""Batched autoregressive decoding: greedy or sampled, with the latent cache or the original full re-run."""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mnist_grid.tokens import FINISH, PAD, START
+
+
+def sample(logits, temperature: float, top_k: int | None, key):
+    if temperature == 0.0:
+        return logits.argmax(-1).astype(mx.int32)
+    logits = logits.astype(mx.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)  # mx.topk is unordered
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+
+
+def generate(model, images, max_length: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             seed: int | None = None, cache: bool = True, absorb: bool = True, stop: bool = True,
+             return_cache: bool = False):
+    """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
+
+    cache=False is the original algorithm (every step re-runs the whole prefix and re-expands the
+    cross-attention K/V). absorb picks the absorbed (latent-space) or expanded form for cached MLA decoding.
+    stop=False forces every row to run max_length steps (benchmarks).
+    """
+    cfg = model.config
+    max_length = max_length or cfg.max_tokens
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    images = mx.array(images)
+    b = images.shape[0]
+    key = mx.random.key(seed) if seed is not None else None  # MLX keys are functional: split one per step
+    absorb = absorb and cfg.attention == "mla"
+    enc = model.encode(images)
+    tokens = mx.full((b, max_length), PAD, dtype=mx.int32)
+    tokens[:, 0] = START
+    finished = mx.zeros((b,), dtype=mx.bool_)
+    dc = model.new_cache(b, max_length, model.memories(enc, absorb)) if cache else None
+    for t in range(1, max_length):
+        if dc is not None:
+            logits = model.decode(tokens[:, t - 1:t], dc.memories, dc, absorb=absorb)[:, -1]
+        else:
+            logits = model.decode(tokens[:, :t], model.memories(enc))[:, -1]
+        step_key = None
+        if key is not None:
+            key, step_key = mx.random.split(key)
+        nxt = sample(logits, temperature, top_k, step_key)
+        nxt = mx.where(finished, PAD, nxt)
+        tokens[:, t] = nxt
+        finished = finished | (nxt == FINISH)
+        if stop and finished.all().item():  # the one host sync per step
+            break
+        mx.async_eval(tokens)  # keep the lazy graph one step long without waiting on it
+    model.train(was_training)
+    return (tokens, dc) if return_cache else tokens
+
+
+def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
+    """Teacher-forced per-step logits [B, T, vocab] through the decoding path (for cache tests)."""
+    model.eval()
+    images, tokens = mx.array(images), mx.array(tokens)
+    enc = model.encode(images)
+    if not cache:
+        return mx.stack([model.decode(tokens[:, : t + 1], model.memories(enc))[:, -1]
+                         for t in range(tokens.shape[1])], axis=1)
+    absorb = absorb and model.config.attention == "mla"
+    dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
+    return mx.concatenate([model.decode(tokens[:, t:t + 1], dc.memories, dc, absorb=absorb)
+                           for t in range(tokens.shape[1])], axis=1)

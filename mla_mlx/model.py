@@ -1,0 +1,103 @@
+"""The encoder-decoder: patch embedding + class token -> MLA encoder -> MLA decoder with cross-attention."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from convert.config import MNIST_MEAN, MNIST_STD, ModelConfig
+
+from .attention import cross_attention, self_attention
+from .cache import new_cache
+
+
+def patchify(images: mx.array, p: int) -> mx.array:
+    """[B, H, W] -> [B, N, p*p]: non-overlapping patches in raster order, each flattened row-major."""
+    b, h, w = images.shape
+    x = images.reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4)
+    return x.reshape(b, (h // p) * (w // p), p * p)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_model * cfg.mlp_ratio)
+        self.fc2 = nn.Linear(cfg.d_model * cfg.mlp_ratio, cfg.d_model)
+
+    def __call__(self, x):
+        return self.fc2(nn.gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = self_attention(cfg, cfg.enc_q_rank, cfg.enc_kv_rank)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x):
+        x = x + self.dropout(self.attn(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.self_attn = self_attention(cfg, cfg.dec_q_rank, cfg.dec_kv_rank)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = cross_attention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x, memory, offset=0, cache=None, absorb=False):
+        x = x + self.dropout(self.self_attn(self.norm1(x), offset, cache, causal=True, absorb=absorb))
+        x = x + self.dropout(self.cross_attn(self.norm2(x), memory))
+        return x + self.dropout(self.mlp(self.norm3(x)))
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
+        self.cls_token = mx.random.normal((1, 1, cfg.d_model)) * 0.02
+        self.encoder = [EncoderLayer(cfg) for _ in range(cfg.enc_layers)]
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.final_norm else None
+        self.token_embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.token_embed.weight = mx.random.normal((cfg.vocab, cfg.d_model)) * 0.02  # torch's N(0, 0.02)
+        self.decoder = [DecoderLayer(cfg) for _ in range(cfg.dec_layers)]
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.final_norm else None
+        self.head = nn.Linear(cfg.d_model, cfg.vocab)
+
+    def encode(self, images: mx.array) -> mx.array:
+        """images [B, H, W] in [0, 1] -> encoder output [B, 1 + N, d] (class token at position 0)."""
+        x = (images.astype(self.head.weight.dtype) - MNIST_MEAN) / MNIST_STD
+        x = self.patch_embed(patchify(x, self.config.patch))
+        cls = mx.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[2])).astype(x.dtype)
+        x = mx.concatenate([cls, x], axis=1)
+        for layer in self.encoder:
+            x = layer(x)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x
+
+    def memories(self, enc: mx.array, absorb: bool = False) -> list[dict]:
+        """Cross-attention memory of every decoder layer, computed once per image."""
+        return [layer.cross_attn.memory(enc, absorb) for layer in self.decoder]
+
+    def decode(self, tokens, memories, cache=None, absorb=False):
+        """tokens [B, T] -> logits [B, T, vocab]; with a cache, tokens continue the cached prefix."""
+        offset = cache.offset if cache is not None else 0
+        x = self.token_embed(tokens)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None, absorb)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.head(x)
+
+    def __call__(self, images, tokens):
+        return self.decode(tokens, self.memories(self.encode(images)))
+
+    def new_cache(self, batch, max_length, memories):
+        return new_cache(self.config, batch, max_length, memories, self.head.weight.dtype)

@@ -1,0 +1,91 @@
+"""One optimisation step, and the optimiser state as numpy (for the shared checkpoint directory)."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from convert.training import TrainConfig
+from mnist_grid.tokens import PAD
+
+
+def loss_fn(model, images, tokens, label_smoothing: float = 0.0):
+    """Next-token cross-entropy, averaged over the non-pad targets."""
+    logits = model(images, tokens[:, :-1])
+    targets = tokens[:, 1:]
+    mask = targets != PAD  # MLX's cross_entropy has no ignore_index
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0),
+                                 label_smoothing=label_smoothing)
+    return (ce * mask).sum() / mask.sum()
+
+
+def _node(tree, name: str):
+    """The entry of a nested dict/list tree (optimizer state) at a dotted parameter name."""
+    for part in name.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+class Trainer:
+    """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
+
+    def __init__(self, model, tc: TrainConfig, device=None, bf16: bool = False):
+        # device: MLX runs on mx.default_device(); bf16: MLX has no autocast, so training stays float32.
+        self.model, self.tc, self.device = model, tc, device
+        self.bf16 = False
+        self.opt = optim.AdamW(learning_rate=tc.lr_at(0), betas=list(tc.betas), eps=tc.eps,
+                               weight_decay=tc.weight_decay, bias_correction=True)
+        self.opt.init(model.trainable_parameters())  # the compiled step needs the whole state tree up front
+        self.step_count = 0
+        state = [model.state, self.opt.state, mx.random.state]
+
+        def train_step(images, tokens):
+            loss, grads = nn.value_and_grad(model, loss_fn)(model, images, tokens, tc.label_smoothing)
+            grads, norm = optim.clip_grad_norm(grads, tc.clip)
+            self.opt.update(model, grads)
+            return loss, norm
+
+        self._step = mx.compile(train_step, inputs=state, outputs=state)
+
+    def step(self, images, tokens):
+        """Returns (loss, grad norm before clipping) as 0-d arrays (lazy: no host sync here)."""
+        self.model.train()
+        # Part of the optimizer state, so the compiled step reads the new value without recompiling.
+        self.opt.learning_rate = self.tc.lr_at(self.step_count)
+        images = mx.array(images)
+        tokens = mx.array(tokens)
+        loss, norm = self._step(images, tokens)
+        self.step_count += 1
+        return loss, norm
+
+    def eval_loss(self, images, tokens) -> float:
+        self.model.eval()
+        images = mx.array(images)
+        tokens = mx.array(tokens)
+        return float(loss_fn(self.model, images, tokens))
+
+    # ---- state for --resume: Adam moments by parameter name, plus the dropout RNG -----------------
+    def state(self) -> dict[str, np.ndarray]:
+        out = {"step": np.array(self.step_count, dtype=np.int64)}
+        if self.step_count:  # torch has no moments before its first step
+            for name, _ in tree_flatten(self.model.trainable_parameters()):
+                s = _node(self.opt.state, name)
+                out[f"m.{name}"] = np.array(s["m"].astype(mx.float32))
+                out[f"v.{name}"] = np.array(s["v"].astype(mx.float32))
+        out["rng.mlx"] = np.array(mx.random.state[0], dtype=np.uint32)
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]):
+        # Mutated in place: the compiled step holds references to these very containers.
+        self.step_count = int(state["step"])
+        self.opt.state["step"] = mx.array(self.step_count, dtype=mx.uint64)
+        for name, p in tree_flatten(self.model.trainable_parameters()):
+            if f"m.{name}" in state:
+                s = _node(self.opt.state, name)
+                s["m"] = mx.array(state[f"m.{name}"]).astype(p.dtype)
+                s["v"] = mx.array(state[f"v.{name}"]).astype(p.dtype)
+        if "rng.mlx" in state:
+            hi, lo = (int(x) for x in np.asarray(state["rng.mlx"], dtype=np.uint32))
+            mx.random.seed((hi << 32) | lo)  # key(seed) is exactly [seed >> 32, seed & 0xffffffff]

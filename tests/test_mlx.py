@@ -1,0 +1,214 @@
+"""The MLX package on its own: names, caches, decoding paths, the compiled trainer, checkpoints."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from mlx.utils import tree_flatten  # noqa: E402
+
+from convert import ModelConfig, parameter_count, schema  # noqa: E402
+from convert.training import TrainConfig  # noqa: E402
+from mnist_grid.tokens import FINISH, PAD, START  # noqa: E402
+
+import mla_mlx  # noqa: E402
+from mla_mlx import checkpoint as ckpt  # noqa: E402
+from mla_mlx import train as mtrain  # noqa: E402
+from mla_mlx.attention import absorbed_weights  # noqa: E402
+from mla_mlx.generate import generate, step_logits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(cfg, b, seed=0):
+    return np.random.default_rng(seed).random((b, cfg.image_size, cfg.image_size), dtype=np.float32)
+
+
+def _tokens(cfg, b, seed=0):
+    """Valid targets: <start> k digits <finish> <pad>..., k from 1 to grid^2."""
+    rng = np.random.default_rng(seed)
+    out = np.full((b, cfg.max_tokens), PAD, dtype=np.int64)
+    out[:, 0] = START
+    for row in range(b):
+        k = int(rng.integers(1, cfg.grid * cfg.grid + 1))
+        out[row, 1:k + 1] = rng.integers(0, 10, k)
+        out[row, k + 1] = FINISH
+    return out
+
+
+def _np(a):
+    return np.array(a.astype(mx.float32) if a.dtype in (mx.bfloat16, mx.float16) else a)
+
+
+def test_import_does_not_load_torch():
+    code = "import mla_mlx, sys; assert 'torch' not in sys.modules, 'mla_mlx imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "seed"])
+def test_parameter_names_and_shapes_match_schema(preset, attention):
+    cfg = ModelConfig.preset(preset, attention=attention)
+    model = ckpt.build(cfg)  # lazy: nothing is computed to read names and shapes
+    got = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert got == schema(cfg)
+    assert list(got) == list(schema(cfg))  # module order too
+    # Buffers and caches are private: only the schema's arrays are parameters, also after decoding.
+    if preset == "tiny":
+        generate(model, _images(cfg, 1), max_length=3)
+    assert {k for k, _ in tree_flatten(model.parameters())} == set(schema(cfg))
+
+
+def test_seed_parameter_count():
+    cfg = ModelConfig.preset("seed")
+    assert parameter_count(cfg) == 6_733_133
+    assert sum(v.size for _, v in tree_flatten(ckpt.build(cfg).parameters())) == 6_733_133
+
+
+def test_init_statistics():
+    """token_embed and cls_token start as N(0, 0.02) like torch's, not MLX's default Embedding init."""
+    model = ckpt.build(ModelConfig.preset("small"))
+    for w in (model.token_embed.weight, model.cls_token):
+        assert abs(float(w.std()) - 0.02) < 0.004
+    assert float(model.head.weight.abs().max()) <= 128 ** -0.5  # Linear: U(-1/sqrt(in), 1/sqrt(in))
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_cached_decoding_matches_full_rerun(attention):
+    cfg = ModelConfig.preset("tiny", attention=attention)
+    model = ckpt.build(cfg, seed=1)
+    images, tokens = _images(cfg, 3), _tokens(cfg, 3)
+    full = _np(model(mx.array(images), mx.array(tokens)))
+    uncached = _np(step_logits(model, images, tokens, cache=False))
+    expanded = _np(step_logits(model, images, tokens, cache=True, absorb=False))
+    absorbed = _np(step_logits(model, images, tokens, cache=True, absorb=True))
+    assert np.abs(uncached - full).max() <= 1e-5
+    assert np.abs(expanded - uncached).max() <= 1e-5
+    assert np.abs(absorbed - expanded).max() <= 1e-5
+    greedy = [np.array(generate(model, images, cache=c, absorb=a, stop=False))
+              for c, a in [(False, False), (True, False), (True, True)]]
+    for g in greedy[1:]:
+        np.testing.assert_array_equal(g, greedy[0])
+    assert (greedy[0][:, 0] == START).all()
+
+
+def test_generate_structure_and_sampling():
+    cfg = ModelConfig.preset("tiny")
+    model = ckpt.build(cfg, seed=2)
+    images = _images(cfg, 8)
+    a = np.array(generate(model, images, temperature=1.0, top_k=5, seed=7, stop=False))
+    b = np.array(generate(model, images, temperature=1.0, top_k=5, seed=7, stop=False))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (8, cfg.max_tokens) and (a[:, 0] == START).all()
+    for row in a:  # after <finish> only <pad>
+        hit = np.flatnonzero(row == FINISH)
+        if hit.size:
+            assert (row[hit[0] + 1:] == PAD).all()
+    with pytest.raises(ValueError):
+        generate(model, images, max_length=1)
+    with pytest.raises(ValueError):
+        generate(model, images, temperature=-1)
+    assert model.training  # restored
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_cache_nbytes(attention):
+    cfg = ModelConfig.preset("tiny", attention=attention)
+    model = ckpt.build(cfg).eval()
+    b, length = 3, cfg.max_tokens
+    _, dc = generate(model, _images(cfg, b), stop=False, return_cache=True)
+    per_token = cfg.dec_kv_rank + cfg.rope_dim if attention == "mla" else 2 * cfg.heads * cfg.head_dim
+    assert dc.self_nbytes == b * length * cfg.dec_layers * per_token * 4
+    assert dc.offset == length - 1
+    n = cfg.enc_tokens
+    cross = n * cfg.cross_kv_rank if attention == "mla" else 2 * n * cfg.d_model  # absorbed: latent c only
+    assert dc.cross_nbytes == b * cfg.dec_layers * cross * 4
+    assert dc.nbytes == dc.self_nbytes + dc.cross_nbytes
+
+
+def test_absorbed_weights_follow_the_weight_array():
+    cfg = ModelConfig.preset("tiny")
+    model = ckpt.build(cfg)
+    attn = model.decoder[0].self_attn
+    w_uk, w_uv = absorbed_weights(attn, attn.nope_dim)
+    assert absorbed_weights(attn, attn.nope_dim)[0] is w_uk  # derived once, not per call
+    h, r = cfg.heads, cfg.dec_kv_rank
+    assert w_uk.shape == (h, cfg.nope_dim, r) and w_uv.shape == (h, cfg.head_dim, r)
+    attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new weight version
+    w_uk2, _ = absorbed_weights(attn, attn.nope_dim)
+    assert w_uk2 is not w_uk and np.allclose(np.array(w_uk2), 2 * np.array(w_uk))
+
+
+def test_compiled_train_step_reduces_loss(monkeypatch):
+    cfg = ModelConfig.preset("tiny")
+    model = ckpt.build(cfg)
+    traces = []
+    real_loss = mtrain.loss_fn
+    monkeypatch.setattr(mtrain, "loss_fn", lambda *a, **k: traces.append(1) or real_loss(*a, **k))
+    tc = TrainConfig(lr=3e-3, warmup_steps=5, total_steps=40)
+    trainer = mtrain.Trainer(model, tc)
+    images, tokens = _images(cfg, 16, seed=3), _tokens(cfg, 16, seed=3)
+    first = trainer.eval_loss(images, tokens)
+    for _ in range(40):
+        loss, norm = trainer.step(images, tokens)
+        assert isinstance(loss, mx.array) and loss.shape == () and norm.shape == ()
+    mx.eval(loss)
+    # One call from the first eval_loss, one trace of the compiled step: the learning rate changed every
+    # step without a recompile.
+    assert len(traces) == 2
+    assert float(trainer.opt.learning_rate) == pytest.approx(tc.lr_at(39))
+    last = trainer.eval_loss(images, tokens)
+    assert last < 0.5 * first, (first, last)
+
+
+def test_trainer_state_resumes_exactly():
+    """Interrupted and resumed (moments, step, dropout RNG through the numpy state) == uninterrupted."""
+    cfg = ModelConfig.preset("tiny", dropout=0.2)
+    tc = TrainConfig(lr=1e-3, warmup_steps=2, total_steps=6)
+    batches = [(_images(cfg, 4, seed=s), _tokens(cfg, 4, seed=s)) for s in range(6)]
+    init = ckpt.to_numpy(ckpt.build(cfg))
+
+    a = mtrain.Trainer(ckpt.from_numpy(ckpt.build(cfg), init), tc)
+    mx.random.seed(123)  # the dropout stream
+    for x, y in batches:
+        a.step(x, y)
+    want = ckpt.to_numpy(a.model)
+
+    b = mtrain.Trainer(ckpt.from_numpy(ckpt.build(cfg), init), tc)
+    mx.random.seed(123)
+    assert set(b.state()) == {"step", "rng.mlx"}  # no moments before the first step, like torch
+    for x, y in batches[:3]:
+        b.step(x, y)
+    state, weights = b.state(), ckpt.to_numpy(b.model)
+    assert state["rng.mlx"].dtype == np.uint32 and int(state["step"]) == 3
+    assert {k[2:] for k in state if k.startswith("m.")} == set(schema(cfg))
+    mx.random.seed(999)  # clobbered: load_state must restore it
+    c = mtrain.Trainer(ckpt.from_numpy(ckpt.build(cfg), weights), tc)
+    c.load_state({**state, "rng.torch": np.zeros(8, np.uint8)})  # foreign keys are ignored
+    for x, y in batches[3:]:
+        c.step(x, y)
+    got = ckpt.to_numpy(c.model)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    cfg = ModelConfig.preset("tiny", attention="mha")
+    model = ckpt.build(cfg, seed=4)
+    mla_mlx.save(model, tmp_path / "ck", preset="tiny")
+    loaded = mla_mlx.load(tmp_path / "ck")
+    assert loaded.config == cfg and not loaded.training
+    a, b = ckpt.to_numpy(model), ckpt.to_numpy(loaded)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    half = mla_mlx.load(tmp_path / "ck", dtype=mx.bfloat16)
+    assert {v.dtype for _, v in tree_flatten(half.parameters())} == {mx.bfloat16}
+    from convert.errors import UserError
+    bad = dict(a)
+    bad.pop("head.bias")
+    with pytest.raises(UserError, match="head.bias"):
+        ckpt.from_numpy(ckpt.build(cfg), bad)
