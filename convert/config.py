@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(grid=2, patch=14, d_model=32, enc_layers=2, dec_layers=2, heads=4, dropout=0.0,
                  enc_kv_rank=16, enc_q_rank=24, dec_kv_rank=12, dec_q_rank=16, cross_kv_rank=8),
     # What users train: 4x4 grids (112 px), 7-px patches (16 per digit).
-    "small": dict(grid=4, patch=7, d_model=128, enc_layers=4, dec_layers=3, heads=8, dropout=0.1),
+    "small": dict(grid=4, patch=7, d_model=128, enc_layers=6, dec_layers=3, heads=8, dropout=0.0),
     # The original benchmark model: 280 px grids, up to 100 digits.
     "seed": dict(grid=10, patch=14, d_model=128, enc_layers=16, dec_layers=16, heads=16, dropout=0.1,
                  final_norm=False),

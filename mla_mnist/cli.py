@@ -85,6 +85,7 @@ def build_parser() -> Parser:
     t.add_argument("--seed", type=nonneg_int)
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
     t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")
+    t.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimiser: fine-tuning)")
     t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps")
     t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N (schedule unchanged)")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")

@@ -45,6 +45,8 @@ def cmd_train(args):
     from .distributed import launcher_world
 
     backend = Backend(args.framework or default_framework(("torch", "mlx")), args.device)
+    if args.resume is not None and args.init is not None:
+        raise UserError("give --resume (continue a run) or --init (fine-tune from weights), not both")
     if args.resume is not None:
         state, _ = read_state(args.resume)
         saved, meta = checkpoint.read_config(args.resume)
@@ -76,7 +78,7 @@ def cmd_train(args):
     rank, world = launcher_world(backend)
     if spec.batch_size % world:
         raise UserError(f"--batch-size {spec.batch_size} must be divisible by the {world} processes")
-    result = train(backend, cfg, spec, out, preset=preset, data_dir=args.data_dir, resume=args.resume,
+    result = train(backend, cfg, spec, out, preset=preset, data_dir=args.data_dir, resume=args.resume, init=args.init,
                    val_samples=args.val_samples, save_every=args.save_every, max_steps=args.max_steps,
                    bf16=args.bf16, quiet=args.quiet, rank=rank, world=world)
     if rank == 0:

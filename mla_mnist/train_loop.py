@@ -5,6 +5,9 @@ import json
 import math
 import os
 import time
+from collections import deque
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,41 @@ class RunSpec:
         return {**d, "train": self.train.to_dict()}
 
 
+_STREAM = None
+
+
+def _init_worker(split, grid, seed, data_dir, augment):
+    global _STREAM
+    _STREAM = GridStream(split, grid, seed, data_dir, augment=augment)
+
+
+def _worker_batch(args):
+    return _STREAM.batch(*args)
+
+
+def batch_source(stream: GridStream, data_dir, steps, steps_per_epoch, batch_size, rank, world, workers):
+    """Batches for `steps` in order. workers > 0 composes them ahead in worker processes (a GPU step is
+    faster than one core composes a batch, and threads would fight the training loop for the GIL)."""
+    args = [(*divmod(s, steps_per_epoch), batch_size, rank, world) for s in steps]
+    if workers <= 0:
+        yield from (stream.batch(*a) for a in args)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    init = (stream.split, stream.grid, stream.seed, data_dir, stream.augment)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+        pending, it = deque(), iter(args)
+        for a in it:
+            pending.append(pool.submit(_worker_batch, a))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            a = next(it, None)
+            if a is not None:
+                pending.append(pool.submit(_worker_batch, a))
+            yield result
+
+
 def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
     path = checkpoint.resolve(path)
     if not (path / STATE).is_file() or not (path / OPTIMIZER).is_file():
@@ -71,7 +109,7 @@ class Progress:
 
 
 def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None, data_dir=None,
-          resume=None, val_samples=512, save_every=0, max_steps=0, bf16=False, quiet=False,
+          resume=None, init=None, val_samples=512, save_every=0, max_steps=0, bf16=False, quiet=False,
           rank=0, world=1, log=print) -> dict:
     """Train, validating and checkpointing to `out` after every epoch; returns the final metrics."""
     out = Path(out)
@@ -82,6 +120,11 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
         model = backend.distribute(model)
     trainer = backend.Trainer(model, spec.train, device=backend.device, bf16=bf16)
     history, best = [], None
+    if init is not None:  # fine-tune: start from a checkpoint's weights with a fresh optimiser and schedule
+        init_cfg, weights, _ = checkpoint.load(init)
+        if init_cfg.replace(dropout=config.dropout) != config:
+            raise UserError(f"--init {init}: its model config differs from the one asked for; use the same --preset")
+        backend.load_weights(model, weights)
     if resume is not None:
         state, arrays = read_state(resume)
         saved_cfg, _ = checkpoint.read_config(resume)
@@ -106,9 +149,14 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     progress = Progress(stop_at, start, spec.batch_size, quiet or rank != 0)
     t_epoch, losses = time.perf_counter(), []
     step = start
+    # On an accelerator the host composes batches ahead; on a CPU workers would only compete with the model.
+    on_cpu = str(backend.device) in ("cpu", "Device(cpu, 0)")
+    workers = 0 if on_cpu else min(8, max(1, (os.cpu_count() or 2) - 2))
+    batches = batch_source(stream, data_dir, range(start, stop_at), spec.steps_per_epoch, spec.batch_size,
+                           rank, world, workers)
     for step in range(start, stop_at):
         epoch, index = divmod(step, spec.steps_per_epoch)
-        x, y = stream.batch(epoch, index, spec.batch_size, rank, world)
+        x, y = next(batches)
         loss, _ = trainer.step(x, y)
         losses.append(loss)
         progress.update(step + 1, loss, spec.train.lr_at(step))
