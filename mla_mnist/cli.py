@@ -81,7 +81,9 @@ def build_parser() -> Parser:
     t.add_argument("--label-smoothing", type=nonneg_float)
     t.add_argument("--train-samples", type=positive_int, help="grids per epoch")
     t.add_argument("--val-samples", type=positive_int, default=512)
-    t.add_argument("--augment", action="store_true", default=None, help="shift digits by up to 2 px")
+    t.add_argument("--augment", nargs="?", const="shift", choices=("shift", "affine"),
+                   help="per-digit augmentation: shift (up to 2 px; the default when no value is given) or "
+                        "affine (shift + rotation, scale, shear)")
     t.add_argument("--seed", type=nonneg_int)
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
     t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")

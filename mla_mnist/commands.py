@@ -73,7 +73,7 @@ def cmd_train(args):
                          weight_decay=args.weight_decay if args.weight_decay is not None else 0.01,
                          label_smoothing=args.label_smoothing or 0.0)
         spec = RunSpec(epochs=epochs, batch_size=bs, train_samples=n, seed=args.seed or 0,
-                       augment=bool(args.augment), train=tc)
+                       augment=args.augment or False, train=tc)
         out = args.out or Path("runs") / (preset or "custom")
     rank, world = launcher_world(backend)
     if spec.batch_size % world:

@@ -33,7 +33,7 @@ class RunSpec:
     batch_size: int
     train_samples: int
     seed: int
-    augment: bool
+    augment: bool | str  # False, "shift" or "affine" (mnist_grid.GridStream)
     train: TrainConfig
 
     @property

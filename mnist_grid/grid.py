@@ -15,6 +15,8 @@ from .tokens import FINISH, PAD, START, max_tokens
 
 CELL = 28
 SHIFT = 2  # augmentation: per-digit shift of up to +-SHIFT px inside its cell
+# "affine" augmentation: per-digit rotation, scale and shear (bilinear resampling), on top of the shift.
+ROTATE, SCALE, SHEAR = np.deg2rad(12.0), 0.1, 0.15
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 
 
@@ -23,9 +25,10 @@ class Draw(NamedTuple):
     occupied: np.ndarray  # [n, G*G] bool, cells in reading order
     index: np.ndarray  # [n, G*G] pool index of each cell's digit, -1 where empty
     shift: Optional[np.ndarray] = None  # [n, G*G, 2] (dy, dx) or None without augmentation
+    affine: Optional[np.ndarray] = None  # [n, G*G, 2, 2] output->input sampling matrices, or None
 
 
-def draw(grid, n, pool_size, rng, k=None, shift=0):
+def draw(grid, n, pool_size, rng, k=None, shift=0, affine=False):
     """All random choices for n grids: k ~ U{1..G*G}, which cells, which digits, shifts."""
     cells = grid * grid
     if k is None:
@@ -40,7 +43,35 @@ def draw(grid, n, pool_size, rng, k=None, shift=0):
     occupied = rank < k[:, None]
     index = np.where(occupied, rng.integers(0, pool_size, size=(n, cells)), -1)
     offsets = rng.integers(-shift, shift + 1, size=(n, cells, 2)) if shift else None
-    return Draw(k, occupied, index, offsets)
+    mats = None
+    if affine:  # drawn last, so the draws above are the same with or without it
+        u = rng.uniform(-1, 1, size=(n, cells, 3))
+        angle, scale, shear = u[..., 0] * ROTATE, 1 + u[..., 1] * SCALE, u[..., 2] * SHEAR
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        mats = np.stack([np.stack([cos, -sin + shear], -1), np.stack([sin, cos], -1)], -2).astype(np.float32)
+    return Draw(k, occupied, index, offsets, mats)
+
+
+def _warped(cells, mats):
+    """Resample each [28, 28] digit through its own 2x2 matrix about the cell centre (bilinear, zeros outside)."""
+    m = len(cells)
+    c = (CELL - 1) / 2
+    yy, xx = np.mgrid[0:CELL, 0:CELL].astype(np.float32) - c
+    sx = mats[:, 0, 0, None, None] * xx + mats[:, 0, 1, None, None] * yy + c
+    sy = mats[:, 1, 0, None, None] * xx + mats[:, 1, 1, None, None] * yy + c
+    x0, y0 = np.floor(sx), np.floor(sy)
+    wx, wy = sx - x0, sy - y0
+    size = CELL + 2
+    padded = np.pad(cells.astype(np.float32), ((0, 0), (1, 1), (1, 1))).reshape(m, -1)
+    xi = np.clip(x0.astype(np.int64) + 1, 0, size - 2)  # clipped reads land on the zero border
+    yi = np.clip(y0.astype(np.int64) + 1, 0, size - 2)
+    inside = (x0 >= -1) & (x0 <= CELL - 1) & (y0 >= -1) & (y0 <= CELL - 1)
+
+    def at(dy, dx):
+        return np.take_along_axis(padded, ((yi + dy) * size + xi + dx).reshape(m, -1), axis=1).reshape(m, CELL, CELL)
+
+    out = ((1 - wy) * ((1 - wx) * at(0, 0) + wx * at(0, 1)) + wy * ((1 - wx) * at(1, 0) + wx * at(1, 1)))
+    return np.where(inside, out, 0).astype(np.float32)
 
 
 def _shifted(cells, offsets):
@@ -64,6 +95,11 @@ def render(images, labels, grid, d, rows=slice(None)):
     m, cells = occupied.shape
     safe = np.where(occupied, index, 0)
     tiles = images[safe.reshape(-1)] * occupied.reshape(-1, 1, 1).astype(images.dtype)
+    if d.affine is not None:
+        occ = occupied.reshape(-1)
+        warped = np.zeros(tiles.shape, np.float32)
+        warped[occ] = _warped(tiles[occ], d.affine[rows].reshape(-1, 2, 2)[occ])
+        tiles = warped
     if d.shift is not None:
         tiles = _shifted(tiles, d.shift[rows].reshape(-1, 2))
     x = tiles.reshape(m, grid, grid, CELL, CELL).transpose(0, 1, 3, 2, 4)
@@ -96,8 +132,12 @@ class GridStream:
         self.split_id = SPLIT_ID[split]
 
     def draw(self, rng, n, k=None, augment=None):
-        shift = SHIFT if (self.augment if augment is None else augment) else 0
-        return draw(self.grid, n, len(self.labels), rng, k=k, shift=shift)
+        """augment: False, True / "shift" (move each digit by up to SHIFT px) or "affine" (also rotate,
+        scale and shear it)."""
+        mode = self.augment if augment is None else augment
+        if mode not in (False, True, "shift", "affine", None):
+            raise UserError(f"unknown augmentation {mode!r}: use shift or affine")
+        return draw(self.grid, n, len(self.labels), rng, k=k, shift=SHIFT if mode else 0, affine=mode == "affine")
 
     def batch(self, epoch, index, batch_size, rank=0, world=1):
         """This rank's share of global batch `index` of `epoch` (ranks concatenate to the whole)."""
