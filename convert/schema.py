@@ -78,12 +78,16 @@ def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.final_norm:
         s.update(_norm("decoder_norm", d))
     s.update(_linear("head", d, cfg.vocab, bias=True))
+    if cfg.quantization:
+        from .quantize import quantized_shapes
+
+        s = quantized_shapes(s, cfg.quantization["bits"], cfg.quantization["group_size"])
     return s
 
 
 def parameter_count(cfg: ModelConfig) -> int:
     total = 0
-    for shape in schema(cfg).values():
+    for shape in schema(cfg.replace(quantization=None)).values():
         n = 1
         for x in shape:
             n *= x

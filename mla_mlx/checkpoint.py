@@ -13,7 +13,22 @@ from .model import EncoderDecoder
 
 
 def to_numpy(model) -> dict[str, np.ndarray]:
-    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    # Packed quantized weights stay uint32; everything else goes out as float32.
+    return {k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+            for k, v in tree_flatten(model.parameters())}
+
+
+def quantize(model, bits: int, group_size: int):
+    """Swap the Linear layers convert.quantize selects for QuantizedLinear (MLX's quantized matmuls)."""
+    from mlx import nn
+
+    from convert.quantize import quantized_names
+    from convert.schema import schema
+
+    names = quantized_names(schema(model.config.replace(quantization=None)), group_size)
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda path, m: path in names)
+    model.config = model.config.replace(quantization={"bits": bits, "group_size": group_size})
+    return model
 
 
 def from_numpy(model, weights: dict[str, np.ndarray]):
@@ -31,7 +46,11 @@ def save(model, path, dtype: str | None = None, **kwargs):
 
 def load(path, dtype: mx.Dtype = mx.float32, weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
     config, arrays, _ = checkpoint.load(path, weights)
-    model = from_numpy(EncoderDecoder(config), arrays)
+    q = config.quantization
+    model = EncoderDecoder(config.replace(quantization=None))
+    if q:
+        quantize(model, q["bits"], q["group_size"])
+    model = from_numpy(model, arrays)
     model.set_dtype(dtype)
     return model.eval()
 

@@ -99,5 +99,5 @@ class EncoderDecoder(nn.Module):
     def __call__(self, images, tokens):
         return self.decode(tokens, self.memories(self.encode(images)))
 
-    def new_cache(self, batch, max_length, memories):
-        return new_cache(self.config, batch, max_length, memories, self.head.weight.dtype)
+    def new_cache(self, batch, max_length, memories, quantized: bool = False):
+        return new_cache(self.config, batch, max_length, memories, self.head.weight.dtype, quantized)

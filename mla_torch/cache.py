@@ -28,6 +28,30 @@ class LatentCache:
         return _nbytes(self.c, self.k_pe)
 
 
+class QuantizedLatentCache(LatentCache):
+    """LatentCache with c stored as int8 and one scale per token (absmax / 127); k_pe stays in the compute
+    dtype, since it is small and carries the position."""
+
+    def __init__(self, batch, max_length, kv_rank, rope_dim, dtype, device):
+        self.c = torch.zeros(batch, max_length, kv_rank, dtype=torch.int8, device=device)
+        self.scale = torch.zeros(batch, max_length, 1, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(batch, max_length, rope_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, c, k_pe):
+        start, end = self.length, self.length + c.shape[1]
+        scale = c.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127
+        self.c[:, start:end] = torch.round(c / scale).to(torch.int8)
+        self.scale[:, start:end] = scale
+        self.k_pe[:, start:end] = k_pe
+        self.length = end
+        return self.c[:, :end].to(k_pe.dtype) * self.scale[:, :end], self.k_pe[:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.c, self.scale, self.k_pe)
+
+
 class KVCache:
     """One MHA self-attention layer: post-RoPE k and v [B, H, L, head_dim]."""
 
@@ -71,9 +95,10 @@ class DecoderCache:
         return self.self_nbytes + self.cross_nbytes
 
 
-def new_cache(cfg, batch, max_length, memories, dtype, device) -> DecoderCache:
+def new_cache(cfg, batch, max_length, memories, dtype, device, quantized: bool = False) -> DecoderCache:
     if cfg.attention == "mla":
-        layers = [LatentCache(batch, max_length, cfg.dec_kv_rank, cfg.rope_dim, dtype, device)
+        kind = QuantizedLatentCache if quantized else LatentCache
+        layers = [kind(batch, max_length, cfg.dec_kv_rank, cfg.rope_dim, dtype, device)
                   for _ in range(cfg.dec_layers)]
     else:
         layers = [KVCache(batch, max_length, cfg.heads, cfg.head_dim, dtype, device) for _ in range(cfg.dec_layers)]

@@ -6,6 +6,7 @@ import torch
 
 from convert import checkpoint
 from convert.config import ModelConfig
+from convert.quantize import dequantize
 
 from .model import EncoderDecoder
 
@@ -27,6 +28,10 @@ def save(model, path, dtype: str | None = None, **kwargs):
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
     config, arrays, _ = checkpoint.load(path, weights)
+    if config.quantization:  # torch runs a quantized checkpoint dequantized (in numpy, exactly as MLX would)
+        q = config.quantization
+        arrays = dequantize(arrays, q["bits"], q["group_size"])
+        config = config.replace(quantization=None)
     model = from_numpy(EncoderDecoder(config), arrays)
     return model.to(device=device, dtype=dtype).eval()
 

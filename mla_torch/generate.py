@@ -19,12 +19,13 @@ def sample(logits, temperature: float, top_k: int | None, generator):
 @torch.no_grad()
 def generate(model, images, max_length: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, cache: bool = True, absorb: bool = True, stop: bool = True,
-             return_cache: bool = False):
+             return_cache: bool = False, quantize_cache: bool = False):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
     cache=False is the original algorithm (every step re-runs the whole prefix and re-expands the
     cross-attention K/V). absorb picks the absorbed (latent-space) or expanded form for cached MLA decoding.
-    stop=False forces every row to run max_length steps (benchmarks).
+    stop=False forces every row to run max_length steps (benchmarks). quantize_cache stores the MLA latent
+    as int8 with a per-token scale.
     """
     cfg = model.config
     max_length = max_length or cfg.max_tokens
@@ -43,7 +44,7 @@ def generate(model, images, max_length: int | None = None, temperature: float = 
     tokens = torch.full((b, max_length), PAD, dtype=torch.long, device=device)
     tokens[:, 0] = START
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    dc = model.new_cache(b, max_length, model.memories(enc, absorb)) if cache else None
+    dc = model.new_cache(b, max_length, model.memories(enc, absorb), quantize_cache) if cache else None
     for t in range(1, max_length):
         if dc is not None:
             logits = model.decode(tokens[:, t - 1:t], dc.memories, dc, absorb=absorb)[:, -1]
@@ -71,3 +72,30 @@ def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
     dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
     return torch.cat([model.decode(tokens[:, t:t + 1], dc.memories, dc, absorb=absorb)
                       for t in range(tokens.shape[1])], dim=1)
+
+
+@torch.no_grad()
+def cross_attention_weights(model, images, tokens):
+    """Cross-attention softmax weights [B, dec_layers, heads, T, 1 + N], teacher-forced on tokens.
+
+    Query t is the step that predicts token t + 1; key 0 is the class token, then the patches in raster
+    order. Fused attention never materialises the weights, so the decoder is re-run layer by layer (eval
+    mode, expanded memory) and each layer's softmax is recomputed from its query and memory keys.
+    """
+    from .attention import split_heads
+
+    model.eval()
+    device = model.head.weight.device
+    images, tokens = torch.as_tensor(images, device=device), torch.as_tensor(tokens, device=device).long()
+    enc = model.encode(images)
+    x = model.token_embed(tokens)
+    weights = []
+    for layer in model.decoder:
+        memory = layer.cross_attn.memory(enc)
+        x = x + layer.self_attn(layer.norm1(x), 0, None, causal=True)
+        h = layer.norm2(x)
+        q = split_heads(layer.cross_attn.q_proj(h), layer.cross_attn.heads)
+        weights.append(((q @ memory["k"].transpose(-1, -2)) * layer.cross_attn.scale).float().softmax(-1))
+        x = x + layer.cross_attn(h, memory)
+        x = x + layer.mlp(layer.norm3(x))
+    return torch.stack(weights, dim=1)

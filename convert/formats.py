@@ -1,0 +1,252 @@
+"""`mla-mnist convert`: read weights in any supported format, check them against the schema, write another.
+
+Numpy only: torch is imported just to read or write a .pt file. Sources: a checkpoint directory, a torch
+.pt/.pth state_dict (ours or the original implementation's), an MLX .npz/.safetensors weights file. Destinations:
+a checkpoint directory, or a bare weights file (.pt/.pth, .npz, .safetensors), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, original, safetensors_np
+from .checkpoint import FLOAT_DTYPES
+from .config import ModelConfig
+from .errors import UserError
+from .schema import parameter_count
+
+FILE_KINDS = {".pt": "torch", ".pth": "torch", ".npz": "npz", ".safetensors": "safetensors"}
+ACCEPTED = "a checkpoint directory, a torch .pt/.pth state_dict, or an MLX .npz/.safetensors weights file"
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # wrappers training scripts save around it
+
+
+@dataclass
+class Source:
+    config: ModelConfig
+    weights: dict[str, np.ndarray]
+    what: str
+    dtype: str | None = None  # the one float dtype of every tensor, if there is one
+    preset: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _torch(action: str):
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{action} .pt needs torch: pip install 'mla-mnist[torch]'") from None
+    return torch
+
+
+def _uniform(dtypes) -> str | None:
+    kinds = set(dtypes)
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(FLOAT_DTYPES) else None
+
+
+def _floats(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(np.float32) if arr.dtype == np.float64 else arr
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+def _read_torch(path: Path) -> tuple[dict, dict]:
+    torch = _torch("reading")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError for code-running pickles; others for truncated or foreign files
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])[:200]
+        raise UserError(f"refused to load {path}: it is not a plain tensor state_dict ({detail}); loading it "
+                        "could run code or it is corrupt -- re-export it with torch.save(model.state_dict(), path)"
+                        ) from None
+    state = obj
+    if isinstance(obj, dict):
+        state = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors: "
+                        "save model.state_dict() with torch.save")
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{path}: entries {', '.join(not_tensors[:4])} are not tensors: save model.state_dict()")
+    tensors, dtypes = {}, {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        dtypes[name] = str(t.dtype).removeprefix("torch.")
+        tensors[name] = _floats((t.float() if t.dtype == torch.bfloat16 else t).numpy())
+    return tensors, dtypes
+
+
+def _read_npz(path: Path) -> tuple[dict, dict]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not hasattr(archive, "files"):
+            raise ValueError("a single .npy array, not an archive of named arrays")
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npz weights file ({e}): re-export it with mx.savez") from None
+    tensors, dtypes = {}, {}
+    for name, arr in arrays.items():
+        if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:  # mx.savez writes bfloat16 as raw 2-byte values
+            arr = safetensors_np.bf16_to_f32(np.frombuffer(arr.tobytes(), dtype="<u2").reshape(arr.shape))
+            dtypes[name] = "bfloat16"
+        else:
+            dtypes[name] = str(arr.dtype)
+        tensors[name] = _floats(arr)
+    return tensors, dtypes
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    tensors, dtypes, _ = safetensors_np.read(path)
+    return {k: _floats(v) for k, v in tensors.items()}, dtypes
+
+
+_READERS = {"torch": _read_torch, "npz": _read_npz, "safetensors": _read_safetensors}
+_WHAT = {"torch": "torch state_dict", "npz": ".npz weights", "safetensors": "safetensors weights"}
+
+
+def _neighbour_config(src: Path) -> ModelConfig:
+    """The config.json beside a bare weights file: a checkpoint's (with a "model" section) or a bare config."""
+    f = src.parent / checkpoint.CONFIG
+    if not f.is_file():
+        raise UserError(f"{src} carries no model config: pass --preset or --config, or put its config.json beside it")
+    try:
+        data = json.loads(f.read_text())
+        return ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
+    except (OSError, ValueError, UserError) as e:
+        raise UserError(f"cannot use {f} as the config of {src} ({e}): pass --preset or --config") from None
+
+
+def read(src, config: ModelConfig | None = None, grid: int | None = None) -> Source:
+    """Weights and config from `src`, renamed to our names (not yet checked against the schema)."""
+    src = Path(src)
+    kind = FILE_KINDS.get(src.suffix.lower())
+    if src.is_dir() or (kind is None and not src.exists()):  # resolve() may recover an interrupted save
+        if config is not None:
+            raise UserError(f"{src} is a checkpoint directory with its own config: drop --preset/--config")
+        cfg, weights, meta = checkpoint.load(src)
+        return Source(cfg, weights, "checkpoint directory", _uniform(meta["weight_dtypes"]), meta.get("preset"))
+    if kind is None:
+        raise UserError(f"cannot read {src}: expected {ACCEPTED}")
+    if not src.is_file():
+        raise UserError(f"{src} does not exist: give {ACCEPTED}")
+    tensors, dtypes = _READERS[kind](src)
+    if original.is_original(tensors):
+        cfg, weights, notes = original.to_ours(tensors, grid)
+        if config is not None:
+            cfg = config
+        dtype = _uniform(dtypes[k] for k in tensors if original.our_name(k) is not None)
+        return Source(cfg, weights, f"{_WHAT[kind]} of the original implementation", dtype, notes=notes)
+    cfg = config if config is not None else _neighbour_config(src)
+    return Source(cfg, tensors, _WHAT[kind], _uniform(dtypes.values()))
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write):
+    """write(tmp_path) into a temporary sibling, fsync, then rename over `path`: never a half-written file."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        checkpoint._fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e} -- choose a writable destination") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """numpy has no bfloat16: bf16 values come back rounded (to nearest even) and held in float32."""
+    if arr.dtype.kind != "f":  # packed quantized weights stay as they are
+        return arr
+    if dtype == "bfloat16":
+        return safetensors_np.bf16_to_f32(safetensors_np.bf16_bits(arr))
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _write_npz(path, weights, dtype):
+    arrays = {k: _cast(v, dtype) for k, v in weights.items()}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+    _atomic_write(path, write)
+    return ".npz weights, " + ("bfloat16 values stored as float32: numpy has no bfloat16" if dtype == "bfloat16"
+                               else dtype)
+
+
+def _write_torch(path, weights, dtype):
+    torch = _torch("writing")
+    target = getattr(torch, dtype)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
+    _atomic_write(path, write)
+    return f"torch state_dict, {dtype}"
+
+
+def _write_safetensors(path, weights, dtype):
+    _atomic_write(path, lambda tmp: safetensors_np.write(tmp, weights, dtype=dtype, metadata={"format": "pt"}))
+    return f"safetensors weights, {dtype}"
+
+
+_WRITERS = {"torch": _write_torch, "npz": _write_npz, "safetensors": _write_safetensors}
+
+
+def _check_directory_target(src: Path, dst: Path):
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise UserError(f"DST {dst} is SRC: write the conversion to a new directory")
+    if dst.is_file():
+        raise UserError(f"{dst} is a file: give a directory, or a .pt/.npz/.safetensors file name")
+    if dst.is_dir() and not (dst / checkpoint.CONFIG).is_file() and any(dst.iterdir()):
+        raise UserError(f"{dst} is a non-empty directory that is not a checkpoint: refusing to replace it; "
+                        "choose a new DST")
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+def _describe(cfg: ModelConfig) -> str:
+    return (f"{cfg.attention}, d_model {cfg.d_model}, {cfg.heads} heads (head_dim {cfg.head_dim}, rope "
+            f"{cfg.rope_dim}), {cfg.enc_layers}+{cfg.dec_layers} encoder+decoder layers, grid {cfg.grid}, "
+            f"patch {cfg.patch}, final_norm {cfg.final_norm}")
+
+
+def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = None, grid: int | None = None,
+            quantize: int | None = None, group_size: int | None = None) -> str:
+    """Convert `src` to `dst` (kinds from the paths); returns a short report. Nothing is written on any error."""
+    if quantize is not None:
+        raise UserError("quantization is not supported yet: drop --quantize and --group-size")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
+    src, dst = Path(src), Path(dst)
+    source = read(src, config, grid)
+    cfg, preset = source.config, source.preset
+    if grid is not None and cfg.grid != grid:  # no weight depends on the grid
+        cfg, preset = cfg.replace(grid=grid), None
+    checkpoint.validate_weights(source.weights, cfg, src)
+    out_dtype = dtype or source.dtype or "float32"
+    kind = FILE_KINDS.get(dst.suffix.lower())
+    if kind is None:
+        _check_directory_target(src, dst)
+        checkpoint.save(dst, cfg, source.weights, dtype=out_dtype, preset=preset)
+        wrote, note = f"checkpoint directory, {out_dtype}", ""
+    else:
+        wrote = _WRITERS[kind](dst, source.weights, out_dtype)
+        note = "; weights only: read it back with --preset/--config or a config.json beside it"
+    notes = "".join(f"; {n}" for n in source.notes)
+    return "\n".join([
+        f"read {src} ({source.what}): {len(source.weights)} tensors, {parameter_count(cfg):,} parameters, "
+        f"{source.dtype or 'mixed dtypes'}{notes}",
+        f"config: {_describe(cfg)}",
+        f"wrote {dst} ({wrote}){note}",
+    ])
