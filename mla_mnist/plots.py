@@ -1,0 +1,49 @@
+"""Training curves from a checkpoint's metrics.json (one run, or the stages of a multi-stage recipe)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = metrics.get("stages") or [{"history": metrics.get("history", [])}]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0.0
+    for i, stage in enumerate(stages):
+        h = stage["history"]
+        if not h:
+            continue
+        ep = [offset + r["epoch"] for r in h]
+        tag = f"stage {i + 1}" if len(stages) > 1 else ""
+        ax_loss.plot(ep, [r["train_loss"] for r in h], "-o", ms=3, label=f"train {tag}")
+        ax_loss.plot(ep, [r["val_loss"] for r in h], "--o", ms=3, label=f"val {tag}")
+        ax_acc.plot(ep, [100 * r["val_exact_match"] for r in h], "-o", ms=3, label=f"val exact match {tag}")
+        ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3, label=f"val digit accuracy {tag}")
+        offset = ep[-1]
+    ax_loss.set(yscale="log", xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="validation (greedy decoding)", ylim=(80, 100.5))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    src = Path(sys.argv[1])
+    training_curves(json.loads((src / "metrics.json").read_text()), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
