@@ -85,6 +85,9 @@ def save_image(path, x):
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(pixels, "L").save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a rendered image is for anyone
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

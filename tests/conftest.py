@@ -6,6 +6,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test process: with -n 2 on two cores, torch's default of one thread per core
+    # oversubscribes the machine and its spinning OpenMP threads run 10-100x slower. Subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
 
 def mnist_dir() -> Path:
     env = os.environ.get("MLA_MNIST_DIR")

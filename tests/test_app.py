@@ -1,0 +1,205 @@
+"""The app end to end with the shipped checkpoint: make-grid -> predict round trip, and show."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mla_mnist.backends import DEFAULT_CHECKPOINT
+from mla_mnist.cli import main
+
+N_GRIDS = 200
+# The shipped checkpoint's exact match on random 4x4 test grids is in its metrics.json; these 200 fixed grids
+# sit a little above this floor (deterministic: no sampling noise), so falling below it means the image ->
+# prediction path broke.
+EXACT_MATCH_FLOOR = 0.93
+
+
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def predict_json(paths, framework):
+    rc, out, err = run_cli(["predict", *paths, "--framework", framework, "--device", "cpu", "--json"])
+    assert rc == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Test workers share the CPU; torch's intra-op threads would spin against each other."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def grids(tmp_path_factory):
+    """200 rendered test grids, their labels, and dark-on-light RGB copies (alternately JPEG q95 and PNG)."""
+    d = tmp_path_factory.mktemp("grids")
+    paths, inverted, labels = [], [], []
+    for seed in range(N_GRIDS):
+        path = d / f"grid{seed:03d}.png"
+        rc, out, err = run_cli(["make-grid", path, "--seed", seed])
+        assert rc == 0, err
+        labels.append(out.strip())
+        with Image.open(path) as img:
+            pixels = np.asarray(img)
+        rgb = Image.fromarray(np.stack([255 - pixels] * 3, axis=-1), "RGB")
+        inv = d / f"inverted{seed:03d}.{'jpg' if seed % 2 == 0 else 'png'}"
+        rgb.save(inv, quality=95)  # PNG ignores quality
+        paths.append(path)
+        inverted.append(inv)
+    return paths, inverted, labels
+
+
+@pytest.fixture(scope="module")
+def torch_predictions(grids):
+    pytest.importorskip("torch")
+    paths, inverted, _ = grids
+    result = predict_json(paths + inverted, "torch")  # one invocation: one model load, batched
+    return [r["digits"] for r in result[:N_GRIDS]], [r["digits"] for r in result[N_GRIDS:]]
+
+
+def test_make_grid_labels_are_digit_strings(grids):
+    _, _, labels = grids
+    assert all(label.isdigit() and 1 <= len(label) <= 16 for label in labels)
+    assert len(set(labels)) > N_GRIDS * 0.9  # seeds give different grids
+
+
+def test_predict_round_trip_mlx(grids):
+    pytest.importorskip("mlx")
+    paths, _, labels = grids
+    result = predict_json(paths, "mlx")
+    assert [r["file"] for r in result] == [str(p) for p in paths]
+    assert all(set(r) == {"file", "digits"} and (r["digits"] == "" or r["digits"].isdigit()) for r in result)
+    digits = [r["digits"] for r in result]
+    exact = np.mean([p == t for p, t in zip(digits, labels)])
+    print(f"\nmlx exact match on {N_GRIDS} make-grid images: {exact:.1%}")
+    assert exact >= EXACT_MATCH_FLOOR
+
+
+def test_inverted_rgb_copies_read_the_same(grids, torch_predictions):
+    _, _, labels = grids
+    original, inverted = torch_predictions
+    assert np.mean([p == t for p, t in zip(original, labels)]) >= EXACT_MATCH_FLOOR
+    agree = np.mean([a == b for a, b in zip(original, inverted)])
+    print(f"\ninverted RGB (JPEG q95 / PNG) copies read the same: {agree:.1%}")
+    assert agree >= 0.99
+
+
+def test_other_sizes_and_modes_read_the_same(grids, torch_predictions, tmp_path):
+    """Upscaled photos-to-be (RGB JPEG, 2.5x), ink on a transparent page (RGBA) and 16-bit grayscale."""
+    paths, _, _ = grids
+    variants = []
+    for i, path in enumerate(paths[:8]):
+        with Image.open(path) as img:
+            pixels = np.asarray(img)
+        Image.fromarray(pixels).convert("RGB").resize((280, 280), Image.BICUBIC).save(tmp_path / f"{i}.jpg",
+                                                                                    quality=90)
+        rgba = np.zeros(pixels.shape + (4,), np.uint8)
+        rgba[..., 3] = pixels  # black ink, opacity = ink
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"{i}_rgba.png")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / f"{i}_16bit.png")
+        variants += [tmp_path / f"{i}.jpg", tmp_path / f"{i}_rgba.png", tmp_path / f"{i}_16bit.png"]
+    read = [r["digits"] for r in predict_json(variants, "torch")]
+    expected = [d for d in torch_predictions[0][:8] for _ in range(3)]
+    assert np.mean([a == b for a, b in zip(read, expected)]) >= 0.95
+
+
+def test_predict_plain_output_one_line_per_file(grids):
+    pytest.importorskip("torch")
+    paths, _, _ = grids
+    rc, out, err = run_cli(["predict", *paths[:3], "--framework", "torch", "--device", "cpu"])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert [line.rsplit(": ", 1)[0] for line in lines] == [str(p) for p in paths[:3]]
+
+
+def test_predict_rejects_a_non_image(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    rc, out, err = run_cli(["predict", bad, "--framework", "torch"])
+    assert rc == 2 and out == ""
+    assert err.startswith("mla-mnist: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_attention_maps_look_at_the_digit_being_read(grids):
+    """For most digits the most-attended patch lies in that digit's own cell (cells in reading order)."""
+    from mla_mnist.backends import Backend
+    from mla_mnist.show import attention_maps
+    from mnist_grid import load_image
+
+    paths, _, labels = grids
+    images = np.stack([load_image(p, 4) for p in paths[:16]])
+    backend = Backend("torch", "cpu")
+    digits, maps = attention_maps(backend, backend.load(DEFAULT_CHECKPOINT), images)
+    occupied = images.reshape(-1, 4, 28, 4, 28).max(axis=(2, 4)).reshape(-1, 16) > 0
+    hits = total = 0
+    for cells, read, heat in zip(occupied, digits, maps):
+        side = heat.shape[-1] // 4  # patches per cell side
+        for j, cell in enumerate(np.flatnonzero(cells)[:len(read)]):
+            r, c = np.unravel_index(heat[j].argmax(), heat[j].shape)
+            hits += (r // side) * 4 + c // side == cell
+            total += 1
+    assert total > 50 and hits / total >= 0.9
+
+
+def test_cross_attention_weights_agree_across_frameworks(grids):
+    pytest.importorskip("torch")
+    pytest.importorskip("mlx")
+    import mlx.core as mx
+    import torch
+
+    import mla_mlx
+    import mla_torch
+    from mla_mlx.generate import cross_attention_weights as mlx_weights
+    from mla_torch.generate import cross_attention_weights as torch_weights
+    from mnist_grid import load_image
+
+    paths, _, _ = grids
+    images = np.stack([load_image(p, 4) for p in paths[:2]])
+    tm = mla_torch.load(DEFAULT_CHECKPOINT)
+    tokens = mla_torch.generate(tm, torch.from_numpy(images))
+    wt = torch_weights(tm, torch.from_numpy(images), tokens).numpy()
+    wm = np.array(mlx_weights(mla_mlx.load(DEFAULT_CHECKPOINT), mx.array(images), mx.array(tokens.numpy())))
+    cfg = tm.config
+    assert wt.shape == (2, cfg.dec_layers, cfg.heads, cfg.max_tokens, cfg.enc_tokens)
+    np.testing.assert_allclose(wt.sum(-1), 1, atol=1e-5)
+    np.testing.assert_allclose(wm, wt, atol=1e-4)
+
+
+def test_show_writes_a_png(grids, tmp_path):
+    pytest.importorskip("torch")
+    paths, _, labels = grids
+    out = tmp_path / "show.png"
+    rc, stdout, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", out, "--framework", "torch",
+                               "--device", "cpu"])
+    assert rc == 0, err
+    assert str(paths[0]) in stdout and str(out) in stdout
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+        assert 400 <= img.width <= 2000 and 400 <= img.height <= 2000
+    assert [p.name for p in tmp_path.iterdir()] == ["show.png"]  # no temporary file left behind
+
+
+def test_show_wants_a_png_path(grids, tmp_path):
+    paths, _, _ = grids
+    rc, _, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "show.jpg",
+                          "--framework", "torch"])
+    assert rc == 2 and ".png" in err
+    rc, _, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "missing" / "show.png",
+                          "--framework", "torch"])
+    assert rc == 2 and "does not exist" in err
+    assert not list(tmp_path.iterdir())
