@@ -43,9 +43,12 @@ def resolve(path) -> Path:
     """The checkpoint directory at `path`, recovering one left between the two renames of a save."""
     path = Path(path)
     if not path.exists():
-        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
-        if olds:
-            os.rename(olds[-1], path)
+        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        if olds:  # save() leaves at most one: it clears stale ones before its first rename
+            try:
+                os.rename(olds[-1], path)
+            except OSError:  # read-only location: read the previous checkpoint where it lies
+                return olds[-1]
         else:
             raise UserError(f"checkpoint {path} does not exist: pass a directory written by `mla-mnist train` "
                             "or `mla-mnist convert`")
@@ -53,8 +56,29 @@ def resolve(path) -> Path:
         raise UserError(f"{path} is not a checkpoint directory (expected a folder with {CONFIG} and {WEIGHTS}); "
                         "use `mla-mnist convert` to turn a weights file into one")
     if not (path / CONFIG).is_file():
-        raise UserError(f"{path} has no {CONFIG}: it is not a checkpoint directory, or it was not written whole")
+        raise UserError(f"{path} has no {CONFIG}: it is not a checkpoint directory; pass a directory written by "
+                        "`mla-mnist train`, or make one from a weights file with `mla-mnist convert`")
     return path
+
+
+def check_writable(path) -> None:
+    """Refuse, before any work, an output path that save() could not write or would clobber."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise UserError(f"{path} exists and is not a directory: choose another output path for the checkpoint")
+        if not (path / CONFIG).is_file() and any(path.iterdir()):
+            raise UserError(f"{path} is a folder that is not a checkpoint and is not empty; saving would replace "
+                            "its contents: choose a new or empty output directory")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write checkpoint to {path}: {ancestor} is a file, not a directory -- "
+                        "choose a writable output directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write checkpoint to {path}: {ancestor} is not writable -- "
+                        "choose a writable output directory")
 
 
 def write_json(path: Path, obj):
@@ -75,6 +99,7 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
     check(config, {k: v.shape for k, v in weights.items()})
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
+    check_writable(path)
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +124,19 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         if path.exists():
             for name in keep:
                 if not (tmp / name).exists() and (path / name).exists():
-                    os.link(path / name, tmp / name)
+                    try:
+                        os.link(path / name, tmp / name)
+                    except OSError:  # a file system without hard links
+                        shutil.copyfile(path / name, tmp / name)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         old = None
         if path.exists():
+            # Left by a save killed after its swap: garbage now, and resolve() must find only this save's.
+            for stale in parent.glob(f".{path.name}.old-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             old = parent / f".{path.name}.old-{os.getpid()}"
             os.rename(path, old)
         os.rename(tmp, path)
@@ -142,10 +173,13 @@ def read_config(path) -> tuple[ModelConfig, dict]:
 
 def validate_weights(weights: dict[str, np.ndarray], config: ModelConfig, where) -> None:
     check(config, {k: v.shape for k, v in weights.items()}, what=f"weights in {where}")
-    bad_dtype = [f"{k} ({v.dtype})" for k, v in weights.items() if v.dtype.kind != "f"]
+    packed = {k for k in weights if k.endswith(".weight") and f"{k[:-len('.weight')]}.scales" in weights} \
+        if config.quantization else set()
+    bad_dtype = [f"{k} ({v.dtype})" for k, v in weights.items()
+                 if v.dtype.kind != "f" and not (k in packed and v.dtype == np.uint32)]
     if bad_dtype:
         raise UserError(f"weights in {where} must be floating point; got {', '.join(bad_dtype[:4])}")
-    nonfinite = [k for k, v in weights.items() if not np.isfinite(v).all()]
+    nonfinite = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if nonfinite:
         raise UserError(f"weights in {where} contain NaN or Inf ({', '.join(nonfinite[:4])}): "
                         "the training run diverged or the file is corrupt; use an earlier checkpoint")
@@ -166,4 +200,8 @@ def load(path, which: str = WEIGHTS) -> tuple[ModelConfig, dict[str, np.ndarray]
 
 def read_metrics(path) -> dict:
     f = resolve(path) / METRICS
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}): the checkpoint is corrupt; delete {METRICS} "
+                        "or save it again") from None

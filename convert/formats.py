@@ -1,8 +1,9 @@
 """`mla-mnist convert`: read weights in any supported format, check them against the schema, write another.
 
-Numpy only: torch is imported just to read or write a .pt file. Sources: a checkpoint directory, a torch
-.pt/.pth state_dict (ours or the original implementation's), an MLX .npz/.safetensors weights file. Destinations:
-a checkpoint directory, or a bare weights file (.pt/.pth, .npz, .safetensors), written atomically.
+Numpy only: torch is imported just to read or write a .pt file, MLX just to quantize. Sources: a checkpoint
+directory, a torch .pt/.pth state_dict (ours or the original implementation's), an MLX .npz/.safetensors weights
+file. Destinations: a checkpoint directory, or a bare weights file (.pt/.pth, .npz, .safetensors), written
+atomically. --quantize writes a checkpoint directory in MLX's affine group format (see convert.quantize).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from . import checkpoint, original, safetensors_np
 from .checkpoint import FLOAT_DTYPES
 from .config import ModelConfig
 from .errors import UserError
+from .quantize import quantizable
 from .schema import parameter_count
 
 FILE_KINDS = {".pt": "torch", ".pth": "torch", ".npz": "npz", ".safetensors": "safetensors"}
@@ -214,6 +216,63 @@ def _check_directory_target(src: Path, dst: Path):
                         "choose a new DST")
 
 
+# ---- quantizing --------------------------------------------------------------------------------------------
+def _mlx():
+    try:
+        import mlx.core as mx
+    except ImportError:
+        raise UserError("--quantize writes MLX's quantized format and needs MLX: pip install 'mla-mnist[mlx]', "
+                        "or drop --quantize") from None
+    return mx
+
+
+def _check_quantize(src: Path, dst: Path, bits: int, group_size: int):
+    if bits not in (4, 8):
+        raise UserError(f"--quantize {bits} is not supported: choose 8 or 4 (bits per weight)")
+    if group_size not in (32, 64):
+        raise UserError(f"--group-size {group_size} is not supported: choose 32 or 64")
+    if dst.suffix.lower() in FILE_KINDS:
+        raise UserError(f"--quantize writes a checkpoint directory (its config records bits and group size), not "
+                        f"a {dst.suffix} file: give a directory name as DST")
+    _mlx()
+
+
+def _quantize(weights: dict[str, np.ndarray], dtype: str, bits: int, group_size: int) -> tuple[dict, int]:
+    """mx.quantize on every weight convert.quantize selects, exactly as mla_mlx.checkpoint.quantize's
+    QuantizedLinear layers do it; in `dtype`, so that the scales and biases are the ones saved."""
+    mx = _mlx()
+    out, n = {}, 0
+    for name, arr in weights.items():
+        if not quantizable(name, arr.shape, group_size):
+            out[name] = arr
+            continue
+        wq, scales, biases = mx.quantize(mx.array(arr).astype(getattr(mx, dtype)), group_size=group_size, bits=bits)
+        stem = name[: -len(".weight")]
+        out[name] = np.array(wq)
+        out[f"{stem}.scales"] = np.array(scales.astype(mx.float32))
+        out[f"{stem}.biases"] = np.array(biases.astype(mx.float32))
+        n += 1
+    return out, n
+
+
+def _weights_bytes(path: Path) -> int:
+    return (path / checkpoint.WEIGHTS if path.is_dir() else path).stat().st_size
+
+
+def _write_quantized(src: Path, dst: Path, cfg: ModelConfig, weights, dtype: str, preset, bits, group_size) -> str:
+    if cfg.quantization:
+        raise UserError(f"{src} is already quantized ({cfg.quantization['bits']}-bit): convert its float source")
+    _check_directory_target(src, dst)
+    packed, n = _quantize(weights, dtype, bits, group_size)
+    cfg = cfg.replace(quantization={"bits": bits, "group_size": group_size})
+    checkpoint.save(dst, cfg, packed, dtype=dtype, preset=preset)
+    before, after = _weights_bytes(src), (dst / checkpoint.WEIGHTS).stat().st_size
+    matrices = sum(name.endswith(".weight") and a.ndim == 2 for name, a in weights.items())
+    return (f"MLX-quantized checkpoint directory, {bits}-bit groups of {group_size}, scales and the rest {dtype}; "
+            f"quantized {n} of {matrices} weight matrices (embedding, output head, kv_b_proj and widths not a "
+            f"multiple of {group_size} stay float); weights {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+
+
 # ---- the command -------------------------------------------------------------------------------------------
 def _describe(cfg: ModelConfig) -> str:
     return (f"{cfg.attention}, d_model {cfg.d_model}, {cfg.heads} heads (head_dim {cfg.head_dim}, rope "
@@ -224,11 +283,12 @@ def _describe(cfg: ModelConfig) -> str:
 def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = None, grid: int | None = None,
             quantize: int | None = None, group_size: int | None = None) -> str:
     """Convert `src` to `dst` (kinds from the paths); returns a short report. Nothing is written on any error."""
-    if quantize is not None:
-        raise UserError("quantization is not supported yet: drop --quantize and --group-size")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
     src, dst = Path(src), Path(dst)
+    if quantize is not None:
+        group_size = group_size or 64
+        _check_quantize(src, dst, quantize, group_size)
     source = read(src, config, grid)
     cfg, preset = source.config, source.preset
     if grid is not None and cfg.grid != grid:  # no weight depends on the grid
@@ -236,7 +296,9 @@ def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = 
     checkpoint.validate_weights(source.weights, cfg, src)
     out_dtype = dtype or source.dtype or "float32"
     kind = FILE_KINDS.get(dst.suffix.lower())
-    if kind is None:
+    if quantize is not None:
+        wrote, note = _write_quantized(src, dst, cfg, source.weights, out_dtype, preset, quantize, group_size), ""
+    elif kind is None:
         _check_directory_target(src, dst)
         checkpoint.save(dst, cfg, source.weights, dtype=out_dtype, preset=preset)
         wrote, note = f"checkpoint directory, {out_dtype}", ""

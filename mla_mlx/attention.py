@@ -26,14 +26,19 @@ def causal_mask(t: int, length: int) -> mx.array | None:
 def attend(q, k, v, scale, causal=False):
     """Fused attention; k/v may have one head shared by all query heads (the absorbed latent).
 
-    MLX's SDPA broadcasts a kv head count that divides the query heads (torch's enable_gqa) and accepts a
-    value dim different from the q/k dim (the absorbed form: q/k r + rope, v r).
+    MLX's SDPA accepts a value dim different from the q/k dim (the absorbed form: q/k r + rope, v r).
     """
-    if causal and q.shape[-2] > 1:
-        if q.shape[-2] == k.shape[-2]:
+    b, h, t, _ = q.shape
+    if k.shape[1] == 1 and h > 1:
+        # One shared head: fold the query heads into the query axis, so k/v are never copied per head.
+        mask = causal_mask(t, k.shape[-2]) if causal else None
+        out = mx.fast.scaled_dot_product_attention(q.reshape(b, 1, h * t, -1), k, v, scale=scale,
+                                                   mask=None if mask is None else mx.tile(mask, (h, 1)))
+        return out.reshape(b, h, t, -1)
+    if causal and t > 1:
+        if t == k.shape[-2]:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
-        mask = causal_mask(q.shape[-2], k.shape[-2])
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=causal_mask(t, k.shape[-2]))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

@@ -5,20 +5,34 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from convert.training import TrainConfig
 from mnist_grid.tokens import PAD
 
 
-def loss_fn(model, images, tokens, label_smoothing: float = 0.0):
-    """Next-token cross-entropy, averaged over the non-pad targets."""
+def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None):
+    """Next-token cross-entropy, averaged over the non-pad targets; or summed and divided by `count`, the
+    global batch's target count, so that data-parallel ranks' losses add up to the global batch's mean."""
     logits = model(images, tokens[:, :-1])
     targets = tokens[:, 1:]
     mask = targets != PAD  # MLX's cross_entropy has no ignore_index
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0),
                                  label_smoothing=label_smoothing)
-    return (ce * mask).sum() / mask.sum()
+    return (ce * mask).sum() / (mask.sum() if count is None else count)
+
+
+def target_count(tokens):
+    """Non-pad next-token targets: the weight of a rank's share of the global batch."""
+    return (tokens[:, 1:] != PAD).sum()
+
+
+def sum_over_ranks(tree):
+    """All-sum a tree of float32 arrays across ranks as one flat buffer: one collective, not one per leaf."""
+    leaves = tree_flatten(tree)
+    flat = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in leaves]))
+    parts = mx.split(flat, np.cumsum([v.size for _, v in leaves])[:-1].tolist())
+    return tree_unflatten([(k, part.reshape(v.shape)) for (k, v), part in zip(leaves, parts)])
 
 
 def _node(tree, name: str):
@@ -31,9 +45,10 @@ def _node(tree, name: str):
 class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
-    def __init__(self, model, tc: TrainConfig, device=None, bf16: bool = False):
+    def __init__(self, model, tc: TrainConfig, device=None, bf16: bool = False, world: int = 1):
         # device: MLX runs on mx.default_device(); bf16: MLX has no autocast, so training stays float32.
-        self.model, self.tc, self.device = model, tc, device
+        # world > 1: one of `world` data-parallel ranks (mx.distributed initialised); gradients are summed.
+        self.model, self.tc, self.device, self.world = model, tc, device, world
         self.bf16 = False
         self.opt = optim.AdamW(learning_rate=tc.lr_at(0), betas=list(tc.betas), eps=tc.eps,
                                weight_decay=tc.weight_decay, bias_correction=True)
@@ -42,7 +57,10 @@ class Trainer:
         state = [model.state, self.opt.state, mx.random.state]
 
         def train_step(images, tokens):
-            loss, grads = nn.value_and_grad(model, loss_fn)(model, images, tokens, tc.label_smoothing)
+            count = mx.distributed.all_sum(target_count(tokens).astype(mx.float32)) if world > 1 else None
+            loss, grads = nn.value_and_grad(model, loss_fn)(model, images, tokens, tc.label_smoothing, count)
+            if world > 1:  # each rank's share of the global mean, summed: the global batch's loss and gradients
+                loss, grads = sum_over_ranks((loss, grads))
             grads, norm = optim.clip_grad_norm(grads, tc.clip)
             self.opt.update(model, grads)
             return loss, norm

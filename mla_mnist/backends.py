@@ -1,7 +1,9 @@
 """Framework dispatch: the CLI talks to mla_torch or mla_mlx through this one small surface."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ class Backend:
         if not installed(framework):
             raise UserError(f"--framework {framework} needs {framework}: pip install 'mla-mnist[{framework}]'")
         self.name = framework
+        self.rank, self.world = 0, 1  # init_distributed() sets them under a launcher
         if framework == "torch":
             import torch
 
@@ -67,6 +70,40 @@ class Backend:
         if device == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps asked for, but MPS is not available: use --device cpu")
         return device
+
+    # ---- data parallel ------------------------------------------------------------------------
+    def init_distributed(self) -> tuple[int, int]:
+        """Join the process group the framework's launcher set up: (rank, world size)."""
+        if self.name == "torch":  # torchrun: env:// rendezvous (MASTER_ADDR, RANK, WORLD_SIZE, LOCAL_RANK)
+            import torch.distributed as dist
+
+            if str(self.device).startswith("cuda"):
+                local = int(os.environ.get("LOCAL_RANK", 0))
+                self.device = f"cuda:{local}"
+                self.torch.cuda.set_device(local)
+                dist.init_process_group("nccl", device_id=self.torch.device(self.device))
+            elif self.device == "cpu":
+                dist.init_process_group("gloo")
+            else:
+                raise UserError(f"data-parallel training on {self.device} is not supported: use --device cpu or cuda")
+            atexit.register(dist.destroy_process_group)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:  # mlx.launch: ring (MLX_HOSTFILE, MLX_RANK), MPI, or NCCL on CUDA, whichever it started
+            group = self.mx.distributed.init()
+            self.rank, self.world = group.rank(), group.size()
+        return self.rank, self.world
+
+    def all_sum(self, x) -> np.ndarray:
+        """Elementwise sum of a numpy array over the ranks (itself in a single process)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.world == 1:
+            return x
+        if self.name == "torch":
+            t = self.torch.from_numpy(x).to(self.device)
+            self.torch.distributed.all_reduce(t)
+            return t.cpu().numpy()
+        # float32: MLX has float64 on the CPU only
+        return np.array(self.mx.distributed.all_sum(self.mx.array(x.astype(np.float32))), dtype=np.float64)
 
     # ---- models -----------------------------------------------------------------------------
     def build(self, config, seed=0):

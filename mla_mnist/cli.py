@@ -19,6 +19,10 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2, like ours
         raise UserError(f"{self.prog}: {message} (see --help)")
 
+    def exit(self, status=0, message=None):
+        sys.stdout.flush()  # --help into a closed pipe fails here, inside main(), not at interpreter exit
+        super().exit(status, message)
+
 
 def positive_int(text):
     try:
@@ -101,6 +105,7 @@ def build_parser() -> Parser:
     e.add_argument("--batch-size", type=positive_int, default=250)
     e.add_argument("--weights", choices=("last", "best"), default="last")
     e.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser("make-grid", help="render a grid of real MNIST digits to a PNG and print its label")
@@ -120,8 +125,11 @@ def build_parser() -> Parser:
     s = sub.add_parser("show", help="draw an image with its prediction and cross-attention maps")
     s.add_argument("checkpoint", type=Path)
     s.add_argument("image", type=Path)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    s.add_argument("--framework", choices=FRAMEWORKS, help="torch or mlx (default: mlx where installed, else torch)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--layers", choices=("last", "all"), default="last",
+                   help="cross-attention of the last decoder layer, or averaged over all layers")
 
     c = sub.add_parser("convert", help="convert checkpoints and weight files between formats")
     c.add_argument("src", type=Path)
@@ -130,8 +138,9 @@ def build_parser() -> Parser:
     c.add_argument("--preset")
     c.add_argument("--config", type=Path)
     c.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
-    c.add_argument("--quantize", type=int, choices=(4, 8))
-    c.add_argument("--group-size", type=int, choices=(32, 64), default=64)
+    c.add_argument("--quantize", type=int, choices=(4, 8),
+                   help="bits per Linear weight, MLX affine groups (needs MLX; DST must be a directory)")
+    c.add_argument("--group-size", type=int, choices=(32, 64), default=64, help="weights per scale/bias (--quantize)")
 
     b = sub.add_parser("bench", help="generation and training throughput, cache bytes (JSON, table, plot)")
     b.add_argument("--preset", default="seed")
@@ -141,7 +150,9 @@ def build_parser() -> Parser:
     b.add_argument("--frameworks", default="torch,mlx")
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=positive_int, default=3)
-    b.add_argument("--train-steps", type=nonneg_int, default=5)
+    b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
+    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="generation weights and activations (training is always float32)")
     b.add_argument("--json", type=Path)
     b.add_argument("--plot", type=Path)
     return p
@@ -154,7 +165,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         from . import commands
 
-        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+        rc = getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+        sys.stdout.flush()  # a reader that went away (`| head`) shows up here, where it is handled
+        return rc
+    except BrokenPipeError:
+        # Nothing is wrong: the reader stopped reading. Point stdout at devnull so the interpreter's
+        # final flush does not print a traceback, and exit like a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         if debug:
             raise

@@ -27,9 +27,12 @@ def _config(args) -> tuple[ModelConfig, str | None]:
             raise UserError("give --preset or --config, not both")
         try:
             text = Path(args.config).read_text()
+            data = json.loads(text) if text.strip() else {}
         except OSError as e:
             raise UserError(f"cannot read --config {args.config}: {e.strerror}") from None
-        data = json.loads(text) if text.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--config {args.config} is not valid JSON ({e}); give a model config JSON file "
+                            "(see a checkpoint's config.json)") from None
         cfg = ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
         preset = None
     else:
@@ -99,10 +102,13 @@ def cmd_eval(args):
 
     backend = Backend(args.framework or default_framework(), args.device)
     model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=args.dtype)
+    if args.quantize_cache and model.config.attention != "mla":
+        raise UserError("--quantize-cache quantizes MLA's latent cache; this checkpoint uses mha: drop the flag")
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir)
-    m = evaluate_model(backend, model, images, tokens, args.batch_size)
+    m = evaluate_model(backend, model, images, tokens, args.batch_size, quantize_cache=args.quantize_cache)
     m.update(framework=backend.name, device=str(backend.device), split=args.split, checkpoint=str(args.checkpoint),
-             dtype=args.dtype)
+             dtype=args.dtype, quantize_cache=args.quantize_cache,
+             quantization=checkpoint.read_config(args.checkpoint)[0].quantization)
     if args.json:
         print(json.dumps(m))
     else:
@@ -147,7 +153,8 @@ def cmd_predict(args):
 def cmd_show(args):
     from .show import show
 
-    show(args.checkpoint, args.image, args.out, args.device)
+    digits = show(args.checkpoint, args.image, args.out, args.device, _predict_framework(args), args.layers)
+    print(f"{args.image}: {digits} (attention maps in {args.out})")
 
 
 def cmd_convert(args):

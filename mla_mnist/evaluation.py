@@ -17,6 +17,6 @@ def predict_tokens(backend, model, images: np.ndarray, batch_size: int = 256, **
                            for i in range(0, len(images), batch_size)])
 
 
-def evaluate_model(backend, model, images, tokens, batch_size: int = 256) -> dict:
-    pred = predict_tokens(backend, model, images, batch_size)
+def evaluate_model(backend, model, images, tokens, batch_size: int = 256, **generate_kwargs) -> dict:
+    pred = predict_tokens(backend, model, images, batch_size, **generate_kwargs)
     return evaluate(decode(pred), decode(tokens))

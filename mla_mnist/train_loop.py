@@ -18,7 +18,9 @@ from convert import checkpoint, safetensors_np
 from convert.config import ModelConfig
 from convert.errors import UserError
 from convert.training import TrainConfig
-from mnist_grid import GridStream, decode, evaluate
+from mnist_grid import GridStream, decode
+from mnist_grid.metrics import edit_distance
+from mnist_grid.tokens import PAD
 
 from .evaluation import EVAL_SEED, predict_tokens
 
@@ -85,9 +87,31 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
     if not (path / STATE).is_file() or not (path / OPTIMIZER).is_file():
         raise UserError(f"{path} has no training state ({STATE}, {OPTIMIZER}): it can be evaluated, not resumed; "
                         "resume from the --out directory of a training run")
-    state = json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("spec"), dict):
+        raise UserError(f"{path / STATE} is corrupt (not the JSON a training run writes); "
+                        "resume from an intact checkpoint or start a new run")
     arrays, _, _ = safetensors_np.read(path / OPTIMIZER)
+    config, _ = checkpoint.read_config(path)
+    shapes = _optimizer_shapes(config)
+    bad = [k for k, v in arrays.items() if k in shapes and v.shape != shapes[k]]
+    if "step" not in arrays or bad or not all(k in shapes or k.startswith("rng.") for k in arrays):
+        raise UserError(f"{path / OPTIMIZER} does not match the checkpoint's model "
+                        f"({'no step' if 'step' not in arrays else ', '.join(bad[:3]) or 'unknown tensors'}); "
+                        "resume from an intact checkpoint or start a new run")
     return state, arrays
+
+
+def _optimizer_shapes(config):
+    from convert.schema import schema
+
+    shapes = {"step": ()}
+    for name, shape in schema(config).items():
+        shapes[f"m.{name}"] = shapes[f"v.{name}"] = tuple(shape)
+    return shapes
 
 
 class Progress:
@@ -113,12 +137,12 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
           rank=0, world=1, log=print) -> dict:
     """Train, validating and checkpointing to `out` after every epoch; returns the final metrics."""
     out = Path(out)
+    if rank == 0:
+        checkpoint.check_writable(out)  # now, not after the first epoch
     stream = GridStream("train", config.grid, spec.seed, data_dir, augment=spec.augment)
     val_x, val_y = GridStream("val", config.grid, 0, data_dir).fixed(val_samples, seed=EVAL_SEED)
     model = backend.build(config, seed=spec.seed)
-    if world > 1:
-        model = backend.distribute(model)
-    trainer = backend.Trainer(model, spec.train, device=backend.device, bf16=bf16)
+    trainer = backend.Trainer(model, spec.train, device=backend.device, bf16=bf16, world=world)
     history, best = [], None
     if init is not None:  # fine-tune: start from a checkpoint's weights with a fresh optimiser and schedule
         init_cfg, weights, _ = checkpoint.load(init)
@@ -131,8 +155,9 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
         if saved_cfg != config:
             raise UserError(f"--resume {resume}: the checkpoint's model config differs from the one asked for; "
                             "drop --preset/--config to continue with the checkpoint's own")
-        if state["spec"] != spec.to_dict():
-            diff = [k for k in state["spec"] if state["spec"][k] != spec.to_dict().get(k)]
+        asked = json.loads(json.dumps(spec.to_dict()))  # as stored: tuples become lists
+        if state["spec"] != asked:
+            diff = [k for k in {**state["spec"], **asked} if state["spec"].get(k) != asked.get(k)]
             raise UserError(f"--resume {resume}: {', '.join(diff)} differ from the interrupted run's; resume "
                             "continues the same run, so leave them as they were")
         _, weights, _ = checkpoint.load(resume)
@@ -151,7 +176,7 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     step = start
     # On an accelerator the host composes batches ahead; on a CPU workers would only compete with the model.
     on_cpu = str(backend.device) in ("cpu", "Device(cpu, 0)")
-    workers = 0 if on_cpu else min(8, max(1, (os.cpu_count() or 2) - 2))
+    workers = 0 if on_cpu else min(8, max(1, ((os.cpu_count() or 2) - 2) // world))
     batches = batch_source(stream, data_dir, range(start, stop_at), spec.steps_per_epoch, spec.batch_size,
                            rank, world, workers)
     for step in range(start, stop_at):
@@ -169,7 +194,7 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
                     raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); the last good "
                                     f"checkpoint in {out} is kept: lower --lr")
                 record = _validate(backend, model, trainer, val_x, val_y, epoch + (index + 1) / spec.steps_per_epoch,
-                                   step + 1, train_loss, spec, time.perf_counter() - t_epoch, len(losses))
+                                   step + 1, train_loss, spec, time.perf_counter() - t_epoch, len(losses), rank, world)
                 history.append(record)
                 losses, t_epoch = [], time.perf_counter()
                 if rank == 0:
@@ -189,12 +214,26 @@ def _shapes(config):
     return schema(config).values()
 
 
-def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, spec, seconds, steps):
-    val_loss = float(np.mean([trainer.eval_loss(val_x[i:i + 256], val_y[i:i + 256])
-                              for i in range(0, len(val_x), 256)]))
-    m = evaluate(decode(predict_tokens(backend, model, val_x)), decode(val_y))
+def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:
+    """[loss sum, targets, exact matches, digit edits, target digits, grids] over these grids."""
+    sums = np.zeros(6)
+    for i in range(0, len(x), 256):
+        targets = int((y[i:i + 256, 1:] != PAD).sum())
+        sums[:2] += trainer.eval_loss(x[i:i + 256], y[i:i + 256]) * targets, targets
+    if len(x):
+        for p, t in zip(decode(predict_tokens(backend, model, x)), decode(y)):
+            sums[2:] += p == t, edit_distance(p, t), len(t), 1
+    return sums
+
+
+def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, spec, seconds, steps, rank=0, world=1):
+    # Each rank scores its own slice of the validation grids; the sums over ranks score the whole set.
+    rows = slice(rank * len(val_x) // world, (rank + 1) * len(val_x) // world)
+    loss_sum, targets, exact, edits, digits, grids = backend.all_sum(
+        _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])).tolist()
+    digit_accuracy = max(0.0, 1 - edits / digits) if digits else float(edits == 0)  # as mnist_grid.evaluate
     return {"epoch": round(epoch, 4), "step": step, "lr": spec.train.lr_at(step - 1), "train_loss": train_loss,
-            "val_loss": val_loss, "val_exact_match": m["exact_match"], "val_digit_accuracy": m["digit_accuracy"],
+            "val_loss": loss_sum / targets, "val_exact_match": exact / grids, "val_digit_accuracy": digit_accuracy,
             "samples_per_s": steps * spec.batch_size / max(seconds, 1e-9), "seconds": seconds}
 
 

@@ -14,12 +14,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_ROPE_TABLES: dict = {}
+
+
+def rope_table(length: int, dim: int, base: float, device, dtype):
+    """cos, sin [positions, dim // 2] for at least `length` positions, computed once per (dim, base, device, dtype):
+    decoding asks for one position per layer per step, and recomputing them cost more than the rotation."""
+    key = (dim, base, str(device), dtype)
+    table = _ROPE_TABLES.get(key)
+    if table is None or table[0].shape[0] < length:
+        n = max(1024, 1 << (length - 1).bit_length())
+        inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
+        table = _ROPE_TABLES[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+    return table
+
+
 def rope(x: torch.Tensor, offset: int, base: float) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (0,1),(2,3)... of the last axis; positions run along axis -2."""
     t, dim = x.shape[-2], x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    angles = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)[:, None] * inv_freq
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = rope_table(offset + t, dim, base, x.device, x.dtype)
+    cos, sin = cos[offset:offset + t], sin[offset:offset + t]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -33,13 +48,18 @@ def causal_mask(t: int, length: int, device) -> torch.Tensor | None:
 
 def attend(q, k, v, scale, causal=False):
     """Fused attention; k/v may have one head shared by all query heads (the absorbed latent)."""
-    gqa = k.shape[1] != q.shape[1]
-    if causal and q.shape[-2] > 1:
-        if q.shape[-2] == k.shape[-2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    b, h, t, _ = q.shape
+    if k.shape[1] == 1 and h > 1:
+        # One shared head: fold the query heads into the query axis, so k/v are never copied per head.
+        mask = causal_mask(t, k.shape[-2], q.device) if causal else None
+        out = F.scaled_dot_product_attention(q.reshape(b, 1, h * t, -1), k, v, scale=scale,
+                                             attn_mask=None if mask is None else mask.repeat(h, 1))
+        return out.view(b, h, t, -1)
+    if causal and t > 1:
+        if t == k.shape[-2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, k.shape[-2], q.device), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def absorbed_weights(module, k_dim: int):

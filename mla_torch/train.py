@@ -9,18 +9,31 @@ from convert.training import TrainConfig
 from mnist_grid.tokens import PAD
 
 
-def loss_fn(model, images, tokens, label_smoothing: float = 0.0):
-    """Next-token cross-entropy, averaged over the non-pad targets."""
+def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None):
+    """Next-token cross-entropy, averaged over the non-pad targets; or summed and divided by `count`, the
+    global batch's target count, so that data-parallel ranks' losses add up to the global batch's mean."""
     logits = model(images, tokens[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                           ignore_index=PAD, label_smoothing=label_smoothing)
+    args = (logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    if count is None:
+        return F.cross_entropy(*args, ignore_index=PAD, label_smoothing=label_smoothing)
+    return F.cross_entropy(*args, ignore_index=PAD, label_smoothing=label_smoothing, reduction="sum") / count
+
+
+def target_count(tokens):
+    """Non-pad next-token targets: the weight of a rank's share of the global batch."""
+    return (tokens[:, 1:] != PAD).sum()
 
 
 class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
-    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False):
-        self.model, self.tc, self.device = model, tc, torch.device(device)
+    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1):
+        # world > 1: one of `world` data-parallel ranks (torch.distributed initialised); DDP sums gradients.
+        self.model, self.tc, self.device, self.world = model, tc, torch.device(device), world
+        self.net = model
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.bf16 = bf16 and self.device.type == "cuda"
         self.opt = torch.optim.AdamW(model.parameters(), lr=tc.lr_at(0), betas=tc.betas, eps=tc.eps,
                                      weight_decay=tc.weight_decay)
@@ -34,14 +47,23 @@ class Trainer:
             g["lr"] = lr
         images = torch.as_tensor(images).to(self.device, non_blocking=True)
         tokens = torch.as_tensor(tokens).to(self.device, non_blocking=True)
+        count = self._sum_over_ranks(target_count(tokens).float()) if self.world > 1 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = loss_fn(self.model, images, tokens, self.tc.label_smoothing)
+            loss = loss_fn(self.net, images, tokens, self.tc.label_smoothing, count)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages gradients over ranks; times world, they sum the ranks' shares of the global mean.
+        (loss * self.world if self.world > 1 else loss).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip)
         self.opt.step()
         self.step_count += 1
-        return loss.detach(), norm.detach()
+        loss = loss.detach()
+        return (self._sum_over_ranks(loss) if self.world > 1 else loss), norm.detach()
+
+    @staticmethod
+    def _sum_over_ranks(x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
 
     @torch.no_grad()
     def eval_loss(self, images, tokens) -> float:

@@ -387,6 +387,33 @@ def test_evaluate_token_arrays():
     assert m["exact_match"] == 0.5 and m["digit_accuracy"] == pytest.approx(1 - 1 / 5)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(digit_strings, digit_strings), max_size=12), st.randoms(use_true_random=False))
+def test_evaluate_properties(pairs, rnd):
+    pred, target = [p for p, _ in pairs], [t for _, t in pairs]
+    m = evaluate(pred, target)
+    n = len(pairs)
+    assert m["samples"] == n
+    for key in ("exact_match", "digit_accuracy", "length_accuracy"):
+        assert 0 <= m[key] <= 1
+    if n:
+        assert m["exact_match"] == sum(p == t for p, t in pairs) / n
+        # Digit accuracy is perfect exactly when every read-out is: no error is ever free.
+        assert (m["digit_accuracy"] == 1) == (m["exact_match"] == 1)
+        assert m["exact_match"] <= m["length_accuracy"]
+    # The per-length rows partition the samples and average back to the totals.
+    assert set(m["per_length"]) == {len(t) for t in target}
+    assert sum(r["samples"] for r in m["per_length"].values()) == n
+    assert sum(r["exact_match"] * r["samples"] for r in m["per_length"].values()) == pytest.approx(m["exact_match"] * n)
+    # Order does not matter, and token arrays read the same as strings.
+    rnd.shuffle(pairs)
+    assert evaluate([p for p, _ in pairs], [t for _, t in pairs]) == m  # integer counts: exactly equal
+    assert evaluate(encode(pred, 14), encode(target, 14)) == m
+    if n:
+        perfect = evaluate(target, target)
+        assert perfect["exact_match"] == perfect["digit_accuracy"] == perfect["length_accuracy"] == 1.0
+
+
 # --- images --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,406 @@
+"""`mla-mnist bench`: generation throughput with and without the cache, MLA vs MHA, in each framework.
+
+Every generation is forced to its full length (stop=False), so each row does the same work; each number is
+the median of --repeats timed runs, after one warm-up run per framework, attention and mode. The machine's own fp32 matmul rate is measured in
+the same run, so the encoder's achieved FLOP/s can be read as a fraction of what this machine can do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convert import checkpoint
+from convert.config import ModelConfig
+from convert.errors import UserError
+from convert.training import TrainConfig
+from mnist_grid.tokens import FINISH, PAD, START
+
+from .backends import FRAMEWORKS, Backend, installed
+
+MODES = ("cached", "uncached")
+ATTENTIONS = ("mla", "mha")
+COLUMNS = ("samples_per_s", "tokens_per_s", "encoder_ms", "decode_ms_per_token", "cache_bytes", "peak_memory_bytes")
+
+
+# ---- analytic FLOPs ----------------------------------------------------------------------------------
+def encoder_flops(cfg: ModelConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image through the encoder; norms, softmax and GELU not counted.
+
+    T = enc_tokens (patches + class token), d = d_model, H = heads, hd = head_dim, r = rope_dim:
+      patch embed         2 * patches * patch^2 * d
+      per layer, MLA      2T * (d*q_rank + q_rank*H*hd + d*(kv_rank + r) + kv_rank*H*(hd - r + hd) + H*hd*d)
+      per layer, MHA      2T * 4*d*d                                  (q, k, v, o projections)
+      attention           2 * H*T*T*hd  (Q K^T)  +  2 * H*T*T*hd  (P V)
+      MLP                 2T * 2*d*(mlp_ratio*d)
+    """
+    t, d, h, hd = cfg.enc_tokens, cfg.d_model, cfg.heads, cfg.head_dim
+    if cfg.attention == "mla":
+        proj = (d * cfg.enc_q_rank + cfg.enc_q_rank * h * hd + d * (cfg.enc_kv_rank + cfg.rope_dim)
+                + cfg.enc_kv_rank * h * (cfg.nope_dim + hd) + h * hd * d)
+    else:
+        proj = 4 * d * d
+    mlp = 2 * d * cfg.mlp_ratio * d
+    attention = 2 * 2 * h * t * t * hd
+    layer = 2 * t * (proj + mlp) + attention
+    return 2 * cfg.num_patches * cfg.patch ** 2 * d + cfg.enc_layers * layer
+
+
+# ---- one framework -----------------------------------------------------------------------------------
+class Runner:
+    """Times one framework: syncs where it computes asynchronously, measures its peak memory."""
+
+    def __init__(self, framework: str, device: str):
+        if framework == "torch" and device == "gpu":
+            import torch
+
+            device = "mps" if not torch.cuda.is_available() and torch.backends.mps.is_available() else "cuda"
+        elif framework == "mlx":
+            device = {"cuda": "gpu", "mps": "gpu"}.get(device, device)
+            import mlx.core as mx
+
+            if device == "gpu" and not mx.is_available(mx.gpu):
+                raise UserError("--device gpu asked for, but this MLX has no GPU backend: use --device cpu")
+        self.backend = b = Backend(framework, device)
+        self.name, self.fw = framework, b.fw
+        self.cuda = framework == "torch" and str(b.device).startswith("cuda")
+        self.mps = framework == "torch" and str(b.device) == "mps"
+        from importlib import import_module
+
+        self.generate = import_module(f"{b.fw.__name__}.generate").generate
+
+    def sync(self, *arrays):
+        if self.name == "mlx":
+            self.backend.mx.eval(*arrays)
+        elif self.cuda:
+            self.backend.torch.cuda.synchronize()
+        elif self.mps:
+            self.backend.torch.mps.synchronize()
+
+    def matmul_gflops(self, repeats: int) -> float:
+        n = 1024 if str(self.backend.device) in ("cpu", "Device(cpu, 0)") else 4096  # big enough to fill a GPU
+        a = self.backend.array(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+        times = []
+        for i in range(repeats + 2):  # the first two warm up (allocation, kernel choice)
+            start = time.perf_counter()
+            self.sync(a @ a)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 2 * n ** 3 / statistics.median(times) / 1e9
+
+    # ---- peak memory: the framework's own counter where it has one, else the process's peak RSS --------
+    def peak_memory(self, fn):
+        """(fn(), {peak_memory_bytes, peak_memory_method, ...}) for one call of fn."""
+        if self.name == "mlx":
+            mx = self.backend.mx
+            mx.reset_peak_memory()
+            out = fn()
+            return out, {"peak_memory_bytes": mx.get_peak_memory(),
+                    "peak_memory_method": "mx.get_peak_memory (all MLX arrays, weights included)"}
+        if self.cuda:
+            torch = self.backend.torch
+            torch.cuda.reset_peak_memory_stats()
+            out = fn()
+            return out, {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_memory_method": "torch.cuda.max_memory_allocated (weights included)"}
+        return _rss_peak(fn)
+
+
+def _rss_kib():
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) for k in ("VmHWM", "VmRSS")}
+
+
+def _rss_peak(fn):
+    """Torch on a CPU has no allocation counter: the process's peak resident memory during fn, and its growth."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the high-water mark to the current RSS
+        before = _rss_kib()["VmRSS"]
+        out = fn()
+        peak = _rss_kib()["VmHWM"]
+        method = "process peak RSS (VmHWM, reset before the run; interpreter and libraries included)"
+    except OSError:  # no /proc: the all-time peak, which a run below it does not move
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "process all-time peak RSS (getrusage ru_maxrss; interpreter and libraries included)"
+    return out, {"peak_memory_bytes": 1024 * peak, "peak_memory_above_start_bytes": 1024 * (peak - before),
+            "peak_memory_method": method}
+
+
+# ---- measurements ------------------------------------------------------------------------------------
+def _generation_row(runner, model, images, length, cached, repeats, warm_up):
+    """Median seconds of a forced-length generation and of the encoder inside it, plus the cache it held and
+    the peak memory of the last run."""
+    encode, enc_times = model.encode, []
+
+    def timed_encode(x):
+        start = time.perf_counter()
+        out = encode(x)
+        runner.sync(out)
+        enc_times.append(time.perf_counter() - start)
+        return out
+
+    def once():
+        start = time.perf_counter()
+        out, dc = runner.generate(model, images, max_length=length, stop=False, cache=cached, return_cache=True)
+        runner.sync(out)
+        return dc, time.perf_counter() - start
+
+    model.encode = timed_encode  # an instance attribute: generate's own call is timed, nothing else changes
+    try:
+        if warm_up:
+            once()
+            enc_times.clear()
+        totals = [once()[1] for _ in range(repeats - 1)]
+        (dc, seconds), memory = runner.peak_memory(once)
+        totals.append(seconds)
+    finally:
+        del model.encode
+    decode = statistics.median(t - e for t, e in zip(totals, enc_times))
+    return statistics.median(totals), statistics.median(enc_times), decode, dc, memory
+
+
+def _synthetic_batch(cfg, batch, seed=0):
+    """Random images and full-length token rows (<start> grid^2 digits <finish>): throughput only."""
+    rng = np.random.default_rng(seed)
+    images = rng.random((batch, cfg.image_size, cfg.image_size), dtype=np.float32)
+    tokens = np.full((batch, cfg.max_tokens), PAD, dtype=np.int64)
+    tokens[:, 0], tokens[:, -1] = START, FINISH
+    tokens[:, 1:-1] = rng.integers(0, 10, (batch, cfg.max_tokens - 2))
+    return images, tokens
+
+
+def _training_samples_per_s(runner, cfg, batch, steps):
+    model = runner.backend.build(cfg, seed=0)
+    trainer = runner.backend.Trainer(model, TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2),
+                                     runner.backend.device)
+    images, tokens = _synthetic_batch(cfg, batch)
+    for _ in range(2):  # warm-up (MLX compiles its step on the first call)
+        loss, _ = trainer.step(images, tokens)
+        float(loss)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.step(images, tokens)
+    float(loss)  # waits for the last step
+    return steps * batch / (time.perf_counter() - start)
+
+
+def _model(runner, cfg, attention, ckpt, dtype):
+    """The checkpoint's weights for its own attention kind, random weights for the other; in `dtype`."""
+    b = runner.backend
+    if ckpt is not None and cfg.attention == attention:
+        return b.load(ckpt, dtype=dtype), "checkpoint"
+    model = b.build(cfg.replace(attention=attention), seed=0)
+    if runner.name == "torch":
+        model.to(dtype=getattr(b.torch, dtype))
+    else:
+        model.set_dtype(getattr(b.mx, dtype))
+    return model, "random"
+
+
+def _parse_list(text, flag, parse, allowed=None):
+    try:
+        items = [parse(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        items = []
+    if not items or (allowed and set(items) - set(allowed)):
+        raise UserError(f"{flag} {text!r}: give a comma-separated list"
+                        + (f" of {', '.join(allowed)}" if allowed else " of integers >= 2"))
+    return items
+
+
+def run(args):
+    lengths = _parse_list(args.lengths, "--lengths", int)
+    if min(lengths) < 2:
+        raise UserError(f"--lengths {args.lengths!r}: every length must be >= 2 (<start> plus one token)")
+    wanted = _parse_list(args.frameworks, "--frameworks", str, FRAMEWORKS)
+    runners, problems = [], []
+    for fw in dict.fromkeys(wanted):
+        try:
+            if not installed(fw):
+                raise UserError(f"{fw} is not installed")
+            runners.append(Runner(fw, args.device))
+        except UserError as e:  # the other framework may still run
+            problems.append(f"no {fw} rows: {e}")
+    if not runners:
+        raise UserError("; ".join(problems))
+    for line in problems:
+        print(f"({line})")
+    if args.checkpoint is not None:
+        cfg, _ = checkpoint.read_config(args.checkpoint)
+        source = str(args.checkpoint)
+    else:
+        cfg, source = ModelConfig.preset(args.preset), f"random weights of preset {args.preset}"
+    b = args.batch_size
+    images = np.random.default_rng(0).random((b, cfg.image_size, cfg.image_size), dtype=np.float32)
+    result = {"machine": _machine(), "model": source, "config": cfg.to_dict(), "batch_size": b, "dtype": args.dtype,
+              "lengths": lengths, "repeats": args.repeats, "frameworks": {}, "rows": []}
+    for runner in runners:
+        fw = runner.name
+        info = result["frameworks"][fw] = {"device": str(runner.backend.device), **_versions(runner)}
+        info["matmul_gflops"] = runner.matmul_gflops(max(args.repeats, 3))
+        _progress(f"{fw} on {info['device']}: fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
+        info["encoder"] = {}
+        for attention in ATTENTIONS:
+            model, weights = _model(runner, cfg, attention, args.checkpoint, args.dtype)
+            x = runner.backend.array(images)
+            enc_ms = []
+            for mode in MODES:
+                for length in lengths:  # one warm-up per mode (at the first length) readies every kernel
+                    total, enc, decode, dc, memory = _generation_row(
+                        runner, model, x, length, mode == "cached", args.repeats, warm_up=length == lengths[0])
+                    enc_ms.append(1e3 * enc)
+                    result["rows"].append({
+                        "framework": fw, "cache": mode, "attention": attention, "weights": weights,
+                        "length": length, "samples_per_s": b / total, "tokens_per_s": b * (length - 1) / total,
+                        "encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * decode / (length - 1),
+                        "cache_bytes": dc.nbytes if dc is not None else None,
+                        "self_cache_bytes": dc.self_nbytes if dc is not None else None,
+                        "cross_cache_bytes": dc.cross_nbytes if dc is not None else None,
+                        **memory})
+                    _progress(f"{fw} {mode} {attention} length {length}: {b / total:.2f} samples/s")
+            flops = encoder_flops(cfg.replace(attention=attention)) * b
+            achieved = flops / (statistics.median(enc_ms) / 1e3) / 1e9
+            info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": statistics.median(enc_ms),
+                                          "gflops": achieved, "fraction_of_matmul": achieved / info["matmul_gflops"]}
+        if args.train_steps:
+            info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, b, args.train_steps)
+            info["train_steps"] = args.train_steps
+            _progress(f"{fw} training: {info['train_samples_per_s']:.2f} samples/s")
+    result["speedups"] = _speedups(result["rows"])
+    result["machine"]["load_average_after"] = _load()
+    print(format_report(result))
+    if args.json is not None:
+        _write(args.json, json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _progress(line):
+    print(line, file=sys.stderr, flush=True)  # stdout stays the report
+
+
+def _write(path: Path, text: str):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _speedups(rows):
+    """Cached over uncached samples/s, per framework, attention and length."""
+    by = {(r["framework"], r["attention"], r["length"], r["cache"]): r["samples_per_s"] for r in rows}
+    return [{"framework": fw, "attention": a, "length": n, "cached_over_uncached": v / by[(fw, a, n, "uncached")]}
+            for (fw, a, n, mode), v in by.items() if mode == "cached"]
+
+
+def _machine():
+    out = {"platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
+           "load_average_before": _load()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        out["cpu"] = re.search(r"model name\s*:\s*(.*)", text).group(1)
+        out["cpus"] = text.count("processor\t:")
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
+def _load():
+    """1-minute load average: other processes' share of the cores during the run (timings are wall clock)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _versions(runner):
+    if runner.name == "torch":
+        torch = runner.backend.torch
+        return {"version": torch.__version__, "threads": torch.get_num_threads()}
+    return {"version": runner.backend.mx.__version__}
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def _num(v, digits=1):
+    if v is None:
+        return "-"
+    if abs(v) >= 1e5:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def format_report(result) -> str:
+    m = result["machine"]
+    lines = [f"model: {result['model']} ({result['dtype']}), batch {result['batch_size']}, "
+             f"median of {result['repeats']}, "
+             f"forced lengths {result['lengths']}",
+             f"machine: {m.get('cpu', m['processor'])}, {m.get('cpus', '?')} CPUs, 1-min load average "
+             f"{m['load_average_before']} before, {m.get('load_average_after')} after", "",
+             "| framework | cache | attention | length | samples/s | tokens/s | encoder ms | decode ms/token "
+             "| cache bytes | peak memory MiB |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        mem = f"{r['peak_memory_bytes'] / 2 ** 20:.1f}"
+        if r.get("peak_memory_above_start_bytes") is not None:
+            mem += f" (+{r['peak_memory_above_start_bytes'] / 2 ** 20:.1f})"
+        lines.append(f"| {r['framework']} | {r['cache']} | {r['attention']} | {r['length']} | "
+                     f"{_num(r['samples_per_s'], 2)} | {_num(r['tokens_per_s'])} | {_num(r['encoder_ms'])} | "
+                     f"{_num(r['decode_ms_per_token'], 2)} | {_num(r['cache_bytes'], 0)} | {mem} |")
+    lines += ["", "| framework | attention | length | cached / uncached samples/s |", "|---|---|---|---|"]
+    lines += [f"| {s['framework']} | {s['attention']} | {s['length']} | {s['cached_over_uncached']:.2f}x |"
+              for s in result["speedups"]]
+    lines += ["", "| framework | device | fp32 matmul GFLOP/s | encoder (mla) GFLOP/s | fraction | "
+              "encoder (mha) GFLOP/s | fraction | training samples/s |", "|" + "---|" * 8]
+    for fw, info in result["frameworks"].items():
+        e = info["encoder"]
+        lines.append(f"| {fw} | {info['device']} | {info['matmul_gflops']:.1f} | {e['mla']['gflops']:.1f} | "
+                     f"{e['mla']['fraction_of_matmul']:.0%} | {e['mha']['gflops']:.1f} | "
+                     f"{e['mha']['fraction_of_matmul']:.0%} | {_num(info.get('train_samples_per_s'), 2)} |")
+    methods = sorted({r["peak_memory_method"] for r in result["rows"]})
+    lines += ["", "peak memory: " + "; ".join(methods) + "; (+x): growth during the run"]
+    return "\n".join(lines)
+
+
+def plot(result, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = sorted({(r["framework"], r["cache"], r["attention"]) for r in result["rows"]})
+    for fw, mode, attention in keys:
+        rows = [r for r in result["rows"] if (r["framework"], r["cache"], r["attention"]) == (fw, mode, attention)]
+        style = "-" if mode == "cached" else "--"
+        speed.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
+                   label=f"{fw} {mode} {attention}")
+        if mode == "cached" and fw == keys[0][0]:  # the same bytes in every framework
+            mem.plot([r["length"] for r in rows], [r["self_cache_bytes"] / 2 ** 10 for r in rows], marker="o",
+                     label=f"{attention} self-attention cache")
+            mem.axhline(rows[0]["cross_cache_bytes"] / 2 ** 10, ls=":", color=mem.lines[-1].get_color(),
+                        label=f"{attention} cross-attention memory")
+    speed.set(xlabel="generated length (tokens)", ylabel="tokens/s", yscale="log",
+              title=f"generation, batch {result['batch_size']}")
+    speed.legend(fontsize=7)
+    mem.set(xlabel="generated length (tokens)", ylabel="KiB", yscale="log", title="decoding cache size")
+    mem.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

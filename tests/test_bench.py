@@ -1,0 +1,74 @@
+"""`mla-mnist bench` end to end on the tiny preset (a smoke test: no timing is asserted), and its FLOP count."""
+import importlib.util
+import json
+
+import pytest
+
+from convert import ModelConfig
+from mla_mnist.bench import COLUMNS, encoder_flops
+from mla_mnist.cli import main
+
+FRAMEWORKS = [fw for fw in ("torch", "mlx") if importlib.util.find_spec(fw)]
+
+
+def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["bench", "--preset", "tiny", "--lengths", "3,5", "--repeats", "1", "--train-steps", "2",
+               "--frameworks", "torch,mlx", "--device", "cpu", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {(r["framework"], r["cache"], r["attention"], r["length"]): r for r in result["rows"]}
+    expected = {(fw, mode, a, n) for fw in FRAMEWORKS for mode in ("cached", "uncached") for a in ("mla", "mha")
+                for n in (3, 5)}
+    assert set(rows) == expected and len(result["rows"]) == len(expected)
+    for key, row in rows.items():
+        for column in COLUMNS:
+            if column == "cache_bytes" and key[1] == "uncached":
+                assert row[column] is None  # the original algorithm keeps no cache
+            else:
+                assert row[column] > 0, (key, column)
+        assert row["peak_memory_method"]
+    for fw in FRAMEWORKS:
+        for n in (3, 5):
+            assert rows[(fw, "cached", "mla", n)]["cache_bytes"] < rows[(fw, "cached", "mha", n)]["cache_bytes"]
+        info = result["frameworks"][fw]
+        assert info["matmul_gflops"] > 0 and info["train_samples_per_s"] > 0
+        assert all(info["encoder"][a]["fraction_of_matmul"] > 0 for a in ("mla", "mha"))
+    assert len(result["speedups"]) == len(expected) // 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lengths", "1,5"], "--lengths"),
+    (["--lengths", "ten"], "--lengths"),
+    (["--frameworks", "jax"], "--frameworks"),
+    (["--preset", "huge"], "unknown preset"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert main(["bench", "--preset", "tiny", "--train-steps", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mla-mnist: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("preset", ["tiny", "seed"])
+def test_encoder_flops_match_torch_flop_counter(preset, attention):
+    """Projections, MLP and patch embed as counted by torch; the fused attention (which torch's counter skips
+    on the CPU) as 2 matmuls of H x T x T x head_dim per layer."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mla_torch
+
+    cfg = ModelConfig.preset(preset, attention=attention)
+    model = mla_torch.build(cfg).eval()
+    images = torch.rand(1, cfg.image_size, cfg.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode(images)
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counted) <= {"aten.mm", "aten.addmm"}  # attention itself went through the fused kernel
+    t, h = cfg.enc_tokens, cfg.heads
+    attention_flops = cfg.enc_layers * 2 * (2 * h * t * t * cfg.head_dim)
+    assert sum(counted.values()) + attention_flops == encoder_flops(cfg)

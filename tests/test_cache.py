@@ -1,0 +1,197 @@
+"""The latent cache in both frameworks: same tokens and logits as the full re-run, its size, the absorbed
+weights derived once, and sampling."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from convert import ModelConfig
+from mla_mnist.backends import Backend
+from mnist_grid import FINISH, PAD, START, GridStream
+
+FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(importlib.util.find_spec(fw) is None,
+                                                        reason=f"{fw} not installed"))
+              for fw in ("torch", "mlx")]
+GRIDS = 512
+
+
+def _fw_module(backend, name):
+    from importlib import import_module
+
+    return import_module(f"{backend.fw.__name__}.{name}")
+
+
+@pytest.fixture(scope="module")
+def grids():
+    return GridStream("test", 2, 0).fixed(GRIDS, seed=3)
+
+
+@pytest.fixture(scope="module", params=FRAMEWORKS)
+def fw(request, tiny_checkpoint):
+    """(backend, trained tiny model) for one framework."""
+    backend = Backend(request.param, "cpu")
+    return backend, backend.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_checkpoint, grids):
+    """Cached (absorbed) greedy read-outs of the test grids, per framework: computed once, compared often."""
+    out = {}
+
+    def get(backend, model):
+        if backend.name not in out:
+            out[backend.name] = backend.generate(model, grids[0])
+        return out[backend.name]
+    return get
+
+
+def _step_logits(backend, model, images, tokens, **kw):
+    step_logits = _fw_module(backend, "generate").step_logits
+    return backend.numpy(step_logits(model, backend.array(images), backend.array(tokens), **kw))
+
+
+# ---- 1. the cache changes nothing ------------------------------------------------------------------
+def test_cached_and_uncached_greedy_tokens_identical(fw, grids, greedy):
+    backend, model = fw
+    images, targets = grids
+    cached = greedy(backend, model)
+    np.testing.assert_array_equal(backend.generate(model, images, cache=False), cached)
+    np.testing.assert_array_equal(backend.generate(model, images, absorb=False), cached)
+    # A model that reads: the comparison is over real, varied read-outs, not constant rows.
+    assert cached.shape == targets.shape and (cached[:, 0] == START).all()
+    assert (cached == targets).all(axis=1).mean() > 0.15
+    assert len({tuple(row) for row in cached}) >= 100
+
+
+def test_step_logits_match_the_full_rerun(fw, grids):
+    """Teacher-forced logits at every step, fp32: absorbed cache, expanded cache and full re-run."""
+    backend, model = fw
+    n = GRIDS if backend.name == "torch" else 128  # MLX's CPU backend is slow
+    images, tokens = grids[0][:n], grids[1][:n]
+    uncached = _step_logits(backend, model, images, tokens, cache=False)
+    expanded = _step_logits(backend, model, images, tokens, cache=True, absorb=False)
+    absorbed = _step_logits(backend, model, images, tokens, cache=True, absorb=True)
+    assert uncached.shape == (n, tokens.shape[1], 13)
+    assert np.abs(expanded - uncached).max() <= 1e-5
+    assert np.abs(absorbed - uncached).max() <= 1e-5
+    assert np.abs(absorbed - expanded).max() <= 1e-5
+    assert np.abs(uncached).max() > 1.0  # real logits, not a degenerate all-zero comparison
+
+
+def test_mlx_and_torch_cached_generation_identical(tiny_checkpoint, grids, greedy):
+    pytest.importorskip("torch")
+    pytest.importorskip("mlx")
+    tb, mb = Backend("torch", "cpu"), Backend("mlx", "cpu")
+    t_tokens = greedy(tb, tb.load(tiny_checkpoint))
+    m_tokens = greedy(mb, mb.load(tiny_checkpoint))
+    np.testing.assert_array_equal(m_tokens, t_tokens)
+
+
+# ---- 2. what the cache holds -----------------------------------------------------------------------
+def _measured_cache(backend, cfg, batch, tokens):
+    model = backend.build(cfg, seed=0)
+    images = np.random.default_rng(0).random((batch, cfg.image_size, cfg.image_size), dtype=np.float32)
+    generate = _fw_module(backend, "generate").generate
+    out, dc = generate(model, backend.array(images), max_length=tokens, stop=False, return_cache=True)
+    assert backend.numpy(out).shape == (batch, tokens)
+    assert dc.offset == tokens - 1  # the last token is sampled, never fed back
+    return dc
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_seed_cache_bytes_against_mha(framework):
+    """The seed preset, batch 4, 50 tokens. MLX's CPU backend needs ~15 s per seed encoder pass, so there the
+    image is a 2x2 grid (17 encoder tokens): every size that the cache holds per token is the seed's."""
+    backend = Backend(framework, "cpu")
+    cfg = ModelConfig.preset("seed", **({} if framework == "torch" else {"grid": 2}))
+    batch, tokens, fp32 = 4, 50, 4
+    mla = _measured_cache(backend, cfg, batch, tokens)
+    mha = _measured_cache(backend, cfg.replace(attention="mha"), batch, tokens)
+    per_token = cfg.dec_kv_rank + cfg.rope_dim  # latent c and the shared rotary key: 42 + 4
+    assert (cfg.dec_layers, per_token) == (16, 46)
+    assert mla.self_nbytes == batch * tokens * cfg.dec_layers * per_token * fp32
+    assert mha.self_nbytes == batch * tokens * cfg.dec_layers * 2 * cfg.d_model * fp32
+    assert mla.self_nbytes * 5 <= mha.self_nbytes
+    # Cross-attention: MLA holds the encoder latent c; MHA holds K and V over every encoder token.
+    mha_kv = batch * cfg.enc_tokens * cfg.dec_layers * 2 * cfg.d_model * fp32
+    assert cfg.enc_tokens == (401 if framework == "torch" else 17) and mha.cross_nbytes == mha_kv
+    assert mla.cross_nbytes == batch * cfg.enc_tokens * cfg.dec_layers * cfg.cross_kv_rank * fp32
+    assert mla.cross_nbytes * 8 <= mha_kv
+    assert mla.nbytes == mla.self_nbytes + mla.cross_nbytes
+
+
+# ---- 3. absorbed weights: once per weight version --------------------------------------------------
+def _record_absorbed(backend, monkeypatch):
+    """Wraps absorbed_weights to record, per call (every layer of every step), the cached object it used."""
+    attention = _fw_module(backend, "attention")
+    original, seen = attention.absorbed_weights, []
+
+    def recording(module, k_dim):
+        out = original(module, k_dim)
+        seen.append((id(module), module._absorbed))
+        return out
+    monkeypatch.setattr(attention, "absorbed_weights", recording)
+    return seen
+
+
+def _distinct_per_module(seen):
+    by_module = {}
+    for module, cached in seen:
+        by_module.setdefault(module, set()).add(id(cached))
+    return by_module
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_absorbed_weights_derived_once_then_after_each_optimizer_step(framework, monkeypatch):
+    from convert.training import TrainConfig
+
+    backend = Backend(framework, "cpu")
+    cfg = ModelConfig.preset("tiny")
+    model = backend.build(cfg, seed=0)
+    images, tokens = GridStream("train", cfg.grid, 0).batch(0, 0, 8)
+    seen = _record_absorbed(backend, monkeypatch)
+    keep = []  # holds the cached tuples so that no id is ever reused
+    for _ in range(2):  # two generate calls of 5 decoding steps each
+        backend.generate(model, images, max_length=6, stop=False)
+    keep += [cached for _, cached in seen]
+    modules = 2 * cfg.dec_layers  # self- and cross-attention of every decoder layer
+    assert len(seen) == 2 * 5 * modules
+    first = _distinct_per_module(seen)
+    assert len(first) == modules and all(len(ids) == 1 for ids in first.values())
+
+    trainer = backend.Trainer(model, TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    float(trainer.step(images, tokens)[0])
+    seen.clear()
+    backend.generate(model, images, max_length=6, stop=False)
+    after = _distinct_per_module(seen)
+    assert all(len(ids) == 1 for ids in after.values())
+    assert all(after[m].isdisjoint(first[m]) for m in first)  # re-derived for the new weights
+    # ... and equal to a fresh split of the new kv_b_proj weight.
+    attn = model.decoder[0].self_attn
+    w = backend.numpy(attn.kv_b_proj.weight).reshape(cfg.heads, -1, cfg.dec_kv_rank)
+    w_uk, w_uv = (backend.numpy(a) for a in attn._absorbed[1:])
+    np.testing.assert_array_equal(w_uk, w[:, :cfg.nope_dim])
+    np.testing.assert_array_equal(w_uv, w[:, cfg.nope_dim:])
+
+
+# ---- 4. sampling -----------------------------------------------------------------------------------
+def test_sampling(fw, grids, greedy):
+    backend, model = fw
+    images = grids[0][:128]
+    greedy_tokens = greedy(backend, model)[:128]
+    hot = dict(temperature=3.0, stop=False)
+    a = backend.generate(model, images, seed=7, **hot)
+    np.testing.assert_array_equal(backend.generate(model, images, seed=7, **hot), a)  # reproducible
+    assert (backend.generate(model, images, seed=8, **hot) != a).any()  # and the seed matters
+    assert (a != greedy_tokens).any()
+    top1 = backend.generate(model, images, temperature=1.0, top_k=1, seed=3)
+    np.testing.assert_array_equal(top1, greedy_tokens)
+    # A finished row is padded afterwards, also when it must keep going (stop=False) and when sampled.
+    for out in (a, backend.generate(model, images, stop=False, max_length=9)):
+        finished_early = 0
+        for row in out:
+            hit = np.flatnonzero(row == FINISH)
+            if hit.size:
+                assert (row[hit[0] + 1:] == PAD).all()
+                finished_early += hit[0] + 1 < row.size
+        assert finished_early >= 10
