@@ -27,7 +27,7 @@ def generate(model, images, max_length: int | None = None, temperature: float = 
     as int8 with a per-token scale.
     """
     cfg = model.config
-    max_length = max_length or cfg.max_tokens
+    max_length = cfg.max_tokens if max_length is None else max_length
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
