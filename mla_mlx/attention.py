@@ -24,17 +24,8 @@ def causal_mask(t: int, length: int) -> mx.array | None:
 
 
 def attend(q, k, v, scale, causal=False):
-    """Fused attention; k/v may have one head shared by all query heads (the absorbed latent).
-
-    MLX's SDPA accepts a value dim different from the q/k dim (the absorbed form: q/k r + rope, v r).
-    """
-    b, h, t, _ = q.shape
-    if k.shape[1] == 1 and h > 1:
-        # One shared head: fold the query heads into the query axis, so k/v are never copied per head.
-        mask = causal_mask(t, k.shape[-2]) if causal else None
-        out = mx.fast.scaled_dot_product_attention(q.reshape(b, 1, h * t, -1), k, v, scale=scale,
-                                                   mask=None if mask is None else mx.tile(mask, (h, 1)))
-        return out.reshape(b, h, t, -1)
+    """Fused attention over per-head q, k, v [B, H, T, D]."""
+    t = q.shape[-2]
     if causal and t > 1:
         if t == k.shape[-2]:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
@@ -42,16 +33,44 @@ def attend(q, k, v, scale, causal=False):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def absorbed_weights(module, k_dim: int):
-    """kv_b_proj split per head into (w_uk [H, k_dim, r], w_uv [H, hd, r]).
+def latent_attention(q, keys, values, heads: int, causal=False):
+    """Attention of q [B, T, H, D] over one key/value "head" shared by all query heads (the latent).
 
-    Derived once per weight version (optimiser steps and loads replace the array), never per decoding step.
+    Heads fold into the query axis (row t*H + h), so the latent is never copied per head; the scale is already
+    in q. MLX's fused attention takes a value dim different from the key dim (keys r + rope, values r).
     """
-    w = module.kv_b_proj.weight
-    if module._absorbed is None or module._absorbed[0] is not w:
-        w3 = w.reshape(module.heads, -1, w.shape[1])
+    b, t = q.shape[:2]
+    mask = causal_mask(t, keys.shape[1]) if causal else None
+    out = mx.fast.scaled_dot_product_attention(q.reshape(b, 1, t * heads, -1), keys[:, None], values[:, None],
+                                               scale=1.0, mask=None if mask is None else mx.repeat(mask, heads, 0))
+    return out.reshape(b, t, -1)
+
+
+def dense_weight(layer) -> mx.array:
+    """A Linear's weight in full precision (a quantized layer is dequantized)."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    return layer.weight
+
+
+def absorbed_weights(module, q_layer, k_dim: int):
+    """(w_q [H*(r + pe), in], w_o [d, H*r]): the absorbed projections, derived once per weight version.
+
+    q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
+    remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
+    o_proj. Computed in float32 and cast back; optimiser steps and loads replace the arrays and re-derive.
+    """
+    sources = (q_layer.weight, module.kv_b_proj.weight, module.o_proj.weight)
+    if module._absorbed is None or any(a is not b for a, b in zip(module._absorbed[0], sources)):
+        h, dtype = module.heads, module.kv_b_proj.weight.dtype
+        wq, wkv, wo = (dense_weight(m).astype(mx.float32) for m in (q_layer, module.kv_b_proj, module.o_proj))
+        wkv = wkv.reshape(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
+        wq = wq.reshape(h, -1, wq.shape[1])  # [H, hd, in]
+        q_lat = mx.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
+        w_q = mx.concatenate([q_lat, wq[:, k_dim:]], axis=1).reshape(-1, wq.shape[2]) * module.scale
+        w_o = mx.einsum("dhv,hvr->dhr", wo.reshape(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
         # object.__setattr__: a tuple set through Module.__setattr__ would join the module's state tree.
-        object.__setattr__(module, "_absorbed", (w, w3[:, :k_dim], w3[:, k_dim:]))
+        object.__setattr__(module, "_absorbed", (sources, w_q.astype(dtype), w_o.astype(dtype)))
     return module._absorbed[1:]
 
 
@@ -82,35 +101,36 @@ class MLASelfAttention(nn.Module):
         self._absorbed = None
 
     def __call__(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
-        b, t, _ = x.shape
-        q = split_heads(self.q_b_proj(self.q_a_norm(self.q_a_proj(x))), self.heads)
-        q_nope, q_pe = mx.split(q, [self.nope_dim], axis=-1)
-        q_pe = rope(q_pe, offset, self.base)
-        c, k_pe = mx.split(self.kv_a_proj(x), [self.kv_rank], axis=-1)
+        r = self.kv_rank
+        q_a = self.q_a_norm(self.q_a_proj(x))
+        c, k_pe = mx.split(self.kv_a_proj(x), [r], axis=-1)
         c = self.kv_a_norm(c)
         k_pe = rope(k_pe, offset, self.base)  # [B, T, rope]: one rotary key shared by all heads
         if cache is not None:
-            c, k_pe = cache.update(c, k_pe)
+            keys = cache.update(c, k_pe)  # [B, L, r + rope]: the latent and the rotary key, side by side
+            c, k_pe = keys[..., :r], keys[..., r:]
+        elif absorb:
+            keys = mx.concatenate([c, k_pe], axis=-1)
         if absorb:
-            out = self._absorbed_attention(q_nope, q_pe, c, k_pe, causal)
-        else:
-            out = self._expanded_attention(q_nope, q_pe, c, k_pe, causal)
-        return self.o_proj(merge_heads(out))
+            return self._absorbed_attention(q_a, keys, offset, causal)
+        return self._expanded_attention(q_a, c, k_pe, offset, causal)
 
-    def _expanded_attention(self, q_nope, q_pe, c, k_pe, causal):
+    def _expanded_attention(self, q_a, c, k_pe, offset, causal):
         b, h, length = c.shape[0], self.heads, c.shape[1]
+        q_nope, q_pe = mx.split(split_heads(self.q_b_proj(q_a), h), [self.nope_dim], axis=-1)
+        q = mx.concatenate([q_nope, rope(q_pe, offset, self.base)], axis=-1)
         k_nope, v = mx.split(split_heads(self.kv_b_proj(c), h), [self.nope_dim], axis=-1)
         k = mx.concatenate([k_nope, mx.broadcast_to(k_pe[:, None], (b, h, length, self.rope_dim))], axis=-1)
-        q = mx.concatenate([q_nope, q_pe], axis=-1)
-        return attend(q, k, v, self.scale, causal=causal)
+        return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
-    def _absorbed_attention(self, q_nope, q_pe, c, k_pe, causal):
-        w_uk, w_uv = absorbed_weights(self, self.nope_dim)
-        q_lat = mx.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
-        q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, H, T, r + rope]
-        k = mx.concatenate([c, k_pe], axis=-1)[:, None]  # [B, 1, L, r + rope]: one latent "head" for all
-        o_lat = attend(q, k, c[:, None], self.scale, causal=causal)  # [B, H, T, r]
-        return mx.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+    def _absorbed_attention(self, q_a, keys, offset, causal):
+        w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
+        b, t, _ = q_a.shape
+        q = (q_a @ w_q.T).reshape(b, t, self.heads, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q_pe = rope(q[..., self.kv_rank:].swapaxes(1, 2), offset, self.base).swapaxes(1, 2)
+        q = mx.concatenate([q[..., :self.kv_rank], q_pe], axis=-1)
+        out = latent_attention(q, keys, keys[..., :self.kv_rank], self.heads, causal)  # [B, T, H*r]
+        return out @ w_o.T
 
 
 class MLACrossAttention(nn.Module):
@@ -135,16 +155,13 @@ class MLACrossAttention(nn.Module):
         return {"k": k, "v": v}
 
     def __call__(self, x, memory: dict):
-        q = split_heads(self.q_proj(x), self.heads)
         if "c" in memory:
-            c = memory["c"]
-            w_uk, w_uv = absorbed_weights(self, self.head_dim)
-            q_lat = mx.einsum("bhtn,hnr->bhtr", q, w_uk)
-            o_lat = attend(q_lat, c[:, None], c[:, None], self.scale)
-            out = mx.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
-        else:
-            out = attend(q, memory["k"], memory["v"], self.scale)
-        return self.o_proj(merge_heads(out))
+            w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
+            b, t, _ = x.shape
+            q = (x @ w_q.T).reshape(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o.T
+        q = split_heads(self.q_proj(x), self.heads)
+        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
 
 
 class MHASelfAttention(nn.Module):

@@ -18,22 +18,31 @@ _ROPE_TABLES: dict = {}
 
 
 def rope_table(length: int, dim: int, base: float, device, dtype):
-    """cos, sin [positions, dim // 2] for at least `length` positions, computed once per (dim, base, device, dtype):
-    decoding asks for one position per layer per step, and recomputing them cost more than the rotation."""
+    """(cos, sin [positions, dim // 2], rotation [positions, dim, dim]) for at least `length` positions, computed
+    once per (dim, base, device, dtype): decoding asks for one position per layer per step, and recomputing
+    them cost more than the rotation."""
     key = (dim, base, str(device), dtype)
     table = _ROPE_TABLES.get(key)
     if table is None or table[0].shape[0] < length:
         n = max(1024, 1 << (length - 1).bit_length())
         inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
         angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
-        table = _ROPE_TABLES[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        cos, sin = angles.cos(), angles.sin()
+        # The same rotation as a matrix, for x @ rotation: pair (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos).
+        rotation = torch.zeros(n, dim, dim, device=device, dtype=torch.float32)
+        i = torch.arange(0, dim, 2, device=device)
+        rotation[:, i, i], rotation[:, i + 1, i + 1] = cos, cos
+        rotation[:, i, i + 1], rotation[:, i + 1, i] = sin, -sin
+        table = _ROPE_TABLES[key] = (cos.to(dtype), sin.to(dtype), rotation.to(dtype))
     return table
 
 
 def rope(x: torch.Tensor, offset: int, base: float) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (0,1),(2,3)... of the last axis; positions run along axis -2."""
     t, dim = x.shape[-2], x.shape[-1]
-    cos, sin = rope_table(offset + t, dim, base, x.device, x.dtype)
+    cos, sin, rotation = rope_table(offset + t, dim, base, x.device, x.dtype)
+    if t == 1:  # one decoding position: one small matmul instead of a dozen elementwise ops
+        return x @ rotation[offset]
     cos, sin = cos[offset:offset + t], sin[offset:offset + t]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -47,14 +56,8 @@ def causal_mask(t: int, length: int, device) -> torch.Tensor | None:
 
 
 def attend(q, k, v, scale, causal=False):
-    """Fused attention; k/v may have one head shared by all query heads (the absorbed latent)."""
-    b, h, t, _ = q.shape
-    if k.shape[1] == 1 and h > 1:
-        # One shared head: fold the query heads into the query axis, so k/v are never copied per head.
-        mask = causal_mask(t, k.shape[-2], q.device) if causal else None
-        out = F.scaled_dot_product_attention(q.reshape(b, 1, h * t, -1), k, v, scale=scale,
-                                             attn_mask=None if mask is None else mask.repeat(h, 1))
-        return out.view(b, h, t, -1)
+    """Fused attention over per-head q, k, v [B, H, T, D]."""
+    t = q.shape[-2]
     if causal and t > 1:
         if t == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -62,16 +65,40 @@ def attend(q, k, v, scale, causal=False):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def absorbed_weights(module, k_dim: int):
-    """kv_b_proj split per head into (w_uk [H, k_dim, r], w_uv [H, hd, r]).
+def latent_attention(q, keys, values, heads: int, causal=False):
+    """Attention of q [B, T, H, D] over one key/value "head" shared by all query heads (the latent).
 
-    Derived once per weight version (optimiser steps bump it), never per decoding step.
+    Heads fold into the query axis (row t*H + h), so the latent is never copied per head; the scale is already
+    in q. Two batched matmuls and a softmax: for one decoding step this costs a fraction of a fused-attention
+    call, whose fixed cost on a CPU exceeds the work.
     """
-    w = module.kv_b_proj.weight
-    key = (w.data_ptr(), w._version, w.dtype)
+    b, t = q.shape[:2]
+    scores = torch.bmm(q.reshape(b, t * heads, -1), keys.transpose(1, 2))  # [B, T*H, L]
+    mask = causal_mask(t, keys.shape[1], q.device) if causal else None
+    if mask is not None:
+        scores = scores.masked_fill(~mask.repeat_interleave(heads, 0), float("-inf"))
+    out = torch.bmm(scores.softmax(-1), values)  # [B, T*H, r]
+    return out.view(b, t, -1)
+
+
+def absorbed_weights(module, q_layer, k_dim: int):
+    """(w_q [H*(r + pe), in], w_o [d, H*r]): the absorbed projections, derived once per weight version.
+
+    q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
+    remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
+    o_proj. Computed in float32 and cast back; optimiser steps and loads bump the versions and re-derive.
+    """
+    sources = (q_layer.weight, module.kv_b_proj.weight, module.o_proj.weight)
+    key = tuple((w.data_ptr(), w._version, w.dtype) for w in sources)
     if module._absorbed is None or module._absorbed[0] != key:
-        w3 = w.detach().view(module.heads, -1, w.shape[1])
-        module._absorbed = (key, w3[:, :k_dim].contiguous(), w3[:, k_dim:].contiguous())
+        h, dtype = module.heads, module.kv_b_proj.weight.dtype
+        wq, wkv, wo = (w.detach().float() for w in sources)
+        wkv = wkv.view(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
+        wq = wq.view(h, -1, wq.shape[1])  # [H, hd, in]
+        q_lat = torch.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
+        w_q = torch.cat([q_lat, wq[:, k_dim:]], dim=1).reshape(-1, wq.shape[2]) * module.scale
+        w_o = torch.einsum("dhv,hvr->dhr", wo.view(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
+        module._absorbed = (key, w_q.to(dtype), w_o.to(dtype))
     return module._absorbed[1:]
 
 
@@ -102,35 +129,35 @@ class MLASelfAttention(nn.Module):
         self._absorbed = None
 
     def forward(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
-        b, t, _ = x.shape
-        q = split_heads(self.q_b_proj(self.q_a_norm(self.q_a_proj(x))), self.heads)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = rope(q_pe, offset, self.base)
-        c, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        r = self.kv_rank
+        q_a = self.q_a_norm(self.q_a_proj(x))
+        c, k_pe = self.kv_a_proj(x).split([r, self.rope_dim], dim=-1)
         c = self.kv_a_norm(c)
         k_pe = rope(k_pe, offset, self.base)  # [B, T, rope]: one rotary key shared by all heads
         if cache is not None:
-            c, k_pe = cache.update(c, k_pe)
+            keys = cache.update(c, k_pe)  # [B, L, r + rope]: the latent and the rotary key, side by side
+            c, k_pe = keys[..., :r], keys[..., r:]
+        elif absorb:
+            keys = torch.cat([c, k_pe], dim=-1)
         if absorb:
-            out = self._absorbed_attention(q_nope, q_pe, c, k_pe, causal)
-        else:
-            out = self._expanded_attention(q_nope, q_pe, c, k_pe, causal)
-        return self.o_proj(merge_heads(out))
+            return self._absorbed_attention(q_a, keys, offset, causal)
+        return self._expanded_attention(q_a, c, k_pe, offset, causal)
 
-    def _expanded_attention(self, q_nope, q_pe, c, k_pe, causal):
+    def _expanded_attention(self, q_a, c, k_pe, offset, causal):
         b, h, length = c.shape[0], self.heads, c.shape[1]
+        q_nope, q_pe = split_heads(self.q_b_proj(q_a), h).split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat([q_nope, rope(q_pe, offset, self.base)], dim=-1)
         k_nope, v = split_heads(self.kv_b_proj(c), h).split([self.nope_dim, self.head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, h, length, self.rope_dim)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        return attend(q, k, v, self.scale, causal=causal)
+        return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
-    def _absorbed_attention(self, q_nope, q_pe, c, k_pe, causal):
-        w_uk, w_uv = absorbed_weights(self, self.nope_dim)
-        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
-        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, T, r + rope]
-        k = torch.cat([c, k_pe], dim=-1)[:, None]  # [B, 1, L, r + rope]: one latent "head" for all
-        o_lat = attend(q, k, c[:, None], self.scale, causal=causal)  # [B, H, T, r]
-        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+    def _absorbed_attention(self, q_a, keys, offset, causal):
+        w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
+        b, t, _ = q_a.shape
+        q = F.linear(q_a, w_q).view(b, t, self.heads, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q[..., self.kv_rank:] = rope(q[..., self.kv_rank:].transpose(1, 2), offset, self.base).transpose(1, 2)
+        out = latent_attention(q, keys, keys[..., :self.kv_rank], self.heads, causal)  # [B, T, H*r]
+        return F.linear(out, w_o)
 
 
 class MLACrossAttention(nn.Module):
@@ -155,16 +182,13 @@ class MLACrossAttention(nn.Module):
         return {"k": k, "v": v}
 
     def forward(self, x, memory: dict):
-        q = split_heads(self.q_proj(x), self.heads)
         if "c" in memory:
-            c = memory["c"]
-            w_uk, w_uv = absorbed_weights(self, self.head_dim)
-            q_lat = torch.einsum("bhtn,hnr->bhtr", q, w_uk)
-            o_lat = attend(q_lat, c[:, None], c[:, None], self.scale)
-            out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
-        else:
-            out = attend(q, memory["k"], memory["v"], self.scale)
-        return self.o_proj(merge_heads(out))
+            w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
+            b, t, _ = x.shape
+            q = F.linear(x, w_q).view(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return F.linear(latent_attention(q, memory["c"], memory["c"], self.heads), w_o)
+        q = split_heads(self.q_proj(x), self.heads)
+        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
 
 
 class MHASelfAttention(nn.Module):

@@ -9,28 +9,30 @@ def _nbytes(*tensors) -> int:
 
 
 class LatentCache:
-    """One MLA self-attention layer: c [B, L, kv_rank] and k_pe [B, L, rope_dim], preallocated for L positions."""
+    """One MLA self-attention layer: per position the latent c [kv_rank] and the rotary key k_pe [rope_dim],
+    side by side in one buffer [B, L, kv_rank + rope_dim] preallocated for L positions, so the absorbed form
+    reads its keys (c | k_pe) and values (c) as views, without a copy per step."""
 
     def __init__(self, batch, max_length, kv_rank, rope_dim, dtype, device):
-        self.c = torch.zeros(batch, max_length, kv_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(batch, max_length, rope_dim, dtype=dtype, device=device)
-        self.length = 0
+        self.kv = torch.zeros(batch, max_length, kv_rank + rope_dim, dtype=dtype, device=device)
+        self.kv_rank, self.length = kv_rank, 0
 
     def update(self, c, k_pe):
+        """Append c [B, T, kv_rank] and k_pe [B, T, rope_dim]; return every cached position [B, L, r + rope]."""
         start, end = self.length, self.length + c.shape[1]
-        self.c[:, start:end] = c
-        self.k_pe[:, start:end] = k_pe
+        self.kv[:, start:end, :self.kv_rank] = c
+        self.kv[:, start:end, self.kv_rank:] = k_pe
         self.length = end
-        return self.c[:, :end], self.k_pe[:, :end]
+        return self.kv[:, :end]
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.c, self.k_pe)
+        return _nbytes(self.kv)
 
 
-class QuantizedLatentCache(LatentCache):
-    """LatentCache with c stored as int8 and one scale per token (absmax / 127); k_pe stays in the compute
-    dtype, since it is small and carries the position."""
+class QuantizedLatentCache:
+    """The latent c stored as int8 with one scale per token (absmax / 127); k_pe stays in the compute dtype,
+    since it is small and carries the position."""
 
     def __init__(self, batch, max_length, kv_rank, rope_dim, dtype, device):
         self.c = torch.zeros(batch, max_length, kv_rank, dtype=torch.int8, device=device)
@@ -45,7 +47,7 @@ class QuantizedLatentCache(LatentCache):
         self.scale[:, start:end] = scale
         self.k_pe[:, start:end] = k_pe
         self.length = end
-        return self.c[:, :end].to(k_pe.dtype) * self.scale[:, :end], self.k_pe[:, :end]
+        return torch.cat([self.c[:, :end].to(k_pe.dtype) * self.scale[:, :end], self.k_pe[:, :end]], dim=-1)
 
     @property
     def nbytes(self) -> int:

@@ -34,7 +34,7 @@ def fw(request, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def greedy(tiny_checkpoint, grids):
+def greedy(grids):
     """Cached (absorbed) greedy read-outs of the test grids, per framework: computed once, compared often."""
     out = {}
 
@@ -126,8 +126,8 @@ def _record_absorbed(backend, monkeypatch):
     attention = _fw_module(backend, "attention")
     original, seen = attention.absorbed_weights, []
 
-    def recording(module, k_dim):
-        out = original(module, k_dim)
+    def recording(module, *args):
+        out = original(module, *args)
         seen.append((id(module), module._absorbed))
         return out
     monkeypatch.setattr(attention, "absorbed_weights", recording)
@@ -166,12 +166,19 @@ def test_absorbed_weights_derived_once_then_after_each_optimizer_step(framework,
     after = _distinct_per_module(seen)
     assert all(len(ids) == 1 for ids in after.values())
     assert all(after[m].isdisjoint(first[m]) for m in first)  # re-derived for the new weights
-    # ... and equal to a fresh split of the new kv_b_proj weight.
+    # ... and equal to a fresh derivation from the new weights: per head, w_uk folded into the query's
+    # no-rope rows (rope rows kept, scale folded in), w_uv folded into o_proj.
     attn = model.decoder[0].self_attn
-    w = backend.numpy(attn.kv_b_proj.weight).reshape(cfg.heads, -1, cfg.dec_kv_rank)
-    w_uk, w_uv = (backend.numpy(a) for a in attn._absorbed[1:])
-    np.testing.assert_array_equal(w_uk, w[:, :cfg.nope_dim])
-    np.testing.assert_array_equal(w_uv, w[:, cfg.nope_dim:])
+    w_kv = backend.numpy(attn.kv_b_proj.weight).astype(np.float64).reshape(cfg.heads, -1, cfg.dec_kv_rank)
+    w_qb = backend.numpy(attn.q_b_proj.weight).astype(np.float64).reshape(cfg.heads, cfg.head_dim, -1)
+    w_out = backend.numpy(attn.o_proj.weight).astype(np.float64).reshape(cfg.d_model, cfg.heads, cfg.head_dim)
+    n = cfg.nope_dim
+    q_lat = np.einsum("hkr,hki->hri", w_kv[:, :n], w_qb[:, :n])
+    want_q = np.concatenate([q_lat, w_qb[:, n:]], axis=1).reshape(-1, w_qb.shape[2]) * cfg.head_dim ** -0.5
+    want_o = np.einsum("dhv,hvr->dhr", w_out, w_kv[:, n:]).reshape(cfg.d_model, -1)
+    w_q, w_o = (backend.numpy(a) for a in attn._absorbed[1:])
+    np.testing.assert_allclose(w_q, want_q, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w_o, want_o, rtol=1e-5, atol=1e-7)
 
 
 # ---- 4. sampling -----------------------------------------------------------------------------------

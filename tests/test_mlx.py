@@ -129,17 +129,22 @@ def test_cache_nbytes(attention):
     assert dc.nbytes == dc.self_nbytes + dc.cross_nbytes
 
 
-def test_absorbed_weights_follow_the_weight_array():
+def test_absorbed_weights_follow_the_weight_arrays():
     cfg = ModelConfig.preset("tiny")
     model = ckpt.build(cfg)
     attn = model.decoder[0].self_attn
-    w_uk, w_uv = absorbed_weights(attn, attn.nope_dim)
-    assert absorbed_weights(attn, attn.nope_dim)[0] is w_uk  # derived once, not per call
+    w_q, w_o = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
+    assert absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)[0] is w_q  # derived once, not per call
     h, r = cfg.heads, cfg.dec_kv_rank
-    assert w_uk.shape == (h, cfg.nope_dim, r) and w_uv.shape == (h, cfg.head_dim, r)
-    attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new weight version
-    w_uk2, _ = absorbed_weights(attn, attn.nope_dim)
-    assert w_uk2 is not w_uk and np.allclose(np.array(w_uk2), 2 * np.array(w_uk))
+    assert w_q.shape == (h * (r + cfg.rope_dim), cfg.dec_q_rank) and w_o.shape == (cfg.d_model, h * r)
+    attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new version of any source array re-derives both
+    w_q2, w_o2 = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
+    q_lat = np.array(w_q).reshape(h, r + cfg.rope_dim, -1)
+    q_lat2 = np.array(w_q2).reshape(h, r + cfg.rope_dim, -1)
+    assert w_q2 is not w_q and np.allclose(q_lat2[:, :r], 2 * q_lat[:, :r]) and np.allclose(q_lat2[:, r:], q_lat[:, r:])
+    assert np.allclose(np.array(w_o2), 2 * np.array(w_o))
+    attn.o_proj.weight = attn.o_proj.weight * 0.5
+    assert np.allclose(np.array(absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)[1]), np.array(w_o))
 
 
 def test_compiled_train_step_reduces_loss(monkeypatch):
