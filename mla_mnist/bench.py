@@ -1,8 +1,9 @@
 """`mla-mnist bench`: generation throughput with and without the cache, MLA vs MHA, in each framework.
 
 Every generation is forced to its full length (stop=False), so each row does the same work; each number is
-the median of --repeats timed runs, after one warm-up run per framework, attention and mode. The machine's own fp32 matmul rate is measured in
-the same run, so the encoder's achieved FLOP/s can be read as a fraction of what this machine can do.
+the median of --repeats timed runs, after one warm-up run per framework, attention and mode. The machine's
+own fp32 matmul rate is measured in the same run, so the encoder's achieved FLOP/s can be read as a fraction
+of what this machine can do.
 """
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ from mnist_grid.tokens import FINISH, PAD, START
 
 from .backends import FRAMEWORKS, Backend, installed
 
-MODES = ("cached", "uncached")
+# cached: the latent cache read in the absorbed form (MLA) or the K/V cache (MHA); expanded: the same latent
+# cache, but K/V expanded from it every step and the cross-attention K/V expanded once (MLA only);
+# uncached: the original algorithm, the whole prefix re-run every step.
+MODES = {"mla": ("cached", "expanded", "uncached"), "mha": ("cached", "uncached")}
 ATTENTIONS = ("mla", "mha")
 COLUMNS = ("samples_per_s", "tokens_per_s", "encoder_ms", "decode_ms_per_token", "cache_bytes", "peak_memory_bytes")
 
@@ -58,11 +62,14 @@ def encoder_flops(cfg: ModelConfig) -> int:
 class Runner:
     """Times one framework: syncs where it computes asynchronously, measures its peak memory."""
 
-    def __init__(self, framework: str, device: str):
-        if framework == "torch" and device == "gpu":
+    def __init__(self, framework: str, device: str, threads: int | None = None):
+        if framework == "torch":
             import torch
 
-            device = "mps" if not torch.cuda.is_available() and torch.backends.mps.is_available() else "cuda"
+            if threads:
+                torch.set_num_threads(threads)
+            if device == "gpu":
+                device = "mps" if not torch.cuda.is_available() and torch.backends.mps.is_available() else "cuda"
         elif framework == "mlx":
             device = {"cuda": "gpu", "mps": "gpu"}.get(device, device)
             import mlx.core as mx
@@ -137,7 +144,7 @@ def _rss_peak(fn):
 
 
 # ---- measurements ------------------------------------------------------------------------------------
-def _generation_row(runner, model, images, length, cached, repeats, warm_up):
+def _generation_row(runner, model, images, length, mode, repeats, warm_up):
     """Median seconds of a forced-length generation and of the encoder inside it, plus the cache it held and
     the peak memory of the last run."""
     encode, enc_times = model.encode, []
@@ -151,7 +158,8 @@ def _generation_row(runner, model, images, length, cached, repeats, warm_up):
 
     def once():
         start = time.perf_counter()
-        out, dc = runner.generate(model, images, max_length=length, stop=False, cache=cached, return_cache=True)
+        out, dc = runner.generate(model, images, max_length=length, stop=False, cache=mode != "uncached",
+                                  absorb=mode == "cached", return_cache=True)
         runner.sync(out)
         return dc, time.perf_counter() - start
 
@@ -167,6 +175,35 @@ def _generation_row(runner, model, images, length, cached, repeats, warm_up):
         del model.encode
     decode = statistics.median(t - e for t, e in zip(totals, enc_times))
     return statistics.median(totals), statistics.median(enc_times), decode, dc, memory
+
+
+def _cross_attention_us(runner, model, batch, calls=200):
+    """One decoding step of the first decoder layer's cross-attention, in microseconds (median of `calls`):
+    attending in latent space (absorbed) against K/V expanded once per image."""
+    cfg, b = model.config, runner.backend
+    rng = np.random.default_rng(0)
+    enc = b.array(rng.standard_normal((batch, cfg.enc_tokens, cfg.d_model), dtype=np.float32))
+    x = b.array(rng.standard_normal((batch, 1, cfg.d_model), dtype=np.float32))
+    if runner.name == "torch":
+        enc, x = enc.to(model.head.weight.dtype), x.to(model.head.weight.dtype)
+        grad = b.torch.no_grad()
+    else:
+        enc, x = enc.astype(model.head.weight.dtype), x.astype(model.head.weight.dtype)
+        from contextlib import nullcontext as grad
+        grad = grad()
+    layer, out = model.decoder[0].cross_attn, {}
+    with grad:
+        for name, absorb in (("latent", True), ("expanded", False)):
+            memory = layer.memory(enc, absorb)
+            runner.sync(*memory.values())
+            times = []
+            for i in range(calls + 10):  # ten warm-up calls
+                start = time.perf_counter()
+                runner.sync(layer(x, memory))
+                if i >= 10:
+                    times.append(time.perf_counter() - start)
+            out[name] = 1e6 * statistics.median(times)
+    return out
 
 
 def _synthetic_batch(cfg, batch, seed=0):
@@ -228,7 +265,7 @@ def run(args):
         try:
             if not installed(fw):
                 raise UserError(f"{fw} is not installed")
-            runners.append(Runner(fw, args.device))
+            runners.append(Runner(fw, args.device, args.threads))
         except UserError as e:  # the other framework may still run
             problems.append(f"no {fw} rows: {e}")
     if not runners:
@@ -254,10 +291,10 @@ def run(args):
             model, weights = _model(runner, cfg, attention, args.checkpoint, args.dtype)
             x = runner.backend.array(images)
             enc_ms = []
-            for mode in MODES:
+            for mode in MODES[attention]:
                 for length in lengths:  # one warm-up per mode (at the first length) readies every kernel
                     total, enc, decode, dc, memory = _generation_row(
-                        runner, model, x, length, mode == "cached", args.repeats, warm_up=length == lengths[0])
+                        runner, model, x, length, mode, args.repeats, warm_up=length == lengths[0])
                     enc_ms.append(1e3 * enc)
                     result["rows"].append({
                         "framework": fw, "cache": mode, "attention": attention, "weights": weights,
@@ -268,13 +305,16 @@ def run(args):
                         "cross_cache_bytes": dc.cross_nbytes if dc is not None else None,
                         **memory})
                     _progress(f"{fw} {mode} {attention} length {length}: {b / total:.2f} samples/s")
+            if attention == "mla":
+                info["cross_attention_us"] = _cross_attention_us(runner, model, b)
             flops = encoder_flops(cfg.replace(attention=attention)) * b
             achieved = flops / (statistics.median(enc_ms) / 1e3) / 1e9
             info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": statistics.median(enc_ms),
                                           "gflops": achieved, "fraction_of_matmul": achieved / info["matmul_gflops"]}
         if args.train_steps:
-            info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, b, args.train_steps)
-            info["train_steps"] = args.train_steps
+            tb = args.train_batch_size or b
+            info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, tb, args.train_steps)
+            info["train_steps"], info["train_batch_size"] = args.train_steps, tb
             _progress(f"{fw} training: {info['train_samples_per_s']:.2f} samples/s")
     result["speedups"] = _speedups(result["rows"])
     result["machine"]["load_average_after"] = _load()
@@ -300,7 +340,7 @@ def _write(path: Path, text: str):
 
 
 def _speedups(rows):
-    """Cached over uncached samples/s, per framework, attention and length."""
+    """Cached (absorbed for MLA) over uncached samples/s, per framework, attention and length."""
     by = {(r["framework"], r["attention"], r["length"], r["cache"]): r["samples_per_s"] for r in rows}
     return [{"framework": fw, "attention": a, "length": n, "cached_over_uncached": v / by[(fw, a, n, "uncached")]}
             for (fw, a, n, mode), v in by.items() if mode == "cached"]
@@ -367,7 +407,13 @@ def format_report(result) -> str:
         e = info["encoder"]
         lines.append(f"| {fw} | {info['device']} | {info['matmul_gflops']:.1f} | {e['mla']['gflops']:.1f} | "
                      f"{e['mla']['fraction_of_matmul']:.0%} | {e['mha']['gflops']:.1f} | "
-                     f"{e['mha']['fraction_of_matmul']:.0%} | {_num(info.get('train_samples_per_s'), 2)} |")
+                     f"{e['mha']['fraction_of_matmul']:.0%} | {_num(info.get('train_samples_per_s'), 2)}"
+                     + (f" (batch {info['train_batch_size']})" if "train_batch_size" in info else "") + " |")
+    for fw, info in result["frameworks"].items():
+        if "cross_attention_us" in info:
+            c = info["cross_attention_us"]
+            lines.append(f"{fw}: one MLA cross-attention decoding step (layer 0): latent (absorbed) "
+                         f"{c['latent']:.0f} us, K/V expanded once {c['expanded']:.0f} us")
     methods = sorted({r["peak_memory_method"] for r in result["rows"]})
     lines += ["", "peak memory: " + "; ".join(methods) + "; (+x): growth during the run"]
     return "\n".join(lines)
@@ -383,7 +429,7 @@ def plot(result, path: Path):
     keys = sorted({(r["framework"], r["cache"], r["attention"]) for r in result["rows"]})
     for fw, mode, attention in keys:
         rows = [r for r in result["rows"] if (r["framework"], r["cache"], r["attention"]) == (fw, mode, attention)]
-        style = "-" if mode == "cached" else "--"
+        style = {"cached": "-", "expanded": ":", "uncached": "--"}[mode]
         speed.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
                    label=f"{fw} {mode} {attention}")
         if mode == "cached" and fw == keys[0][0]:  # the same bytes in every framework

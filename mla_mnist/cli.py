@@ -151,8 +151,11 @@ def build_parser() -> Parser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
+    b.add_argument("--train-batch-size", type=positive_int,
+                   help="grids per training step (default: --batch-size; a GPU needs more to be busy)")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="generation weights and activations (training is always float32)")
+    b.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     b.add_argument("--json", type=Path)
     b.add_argument("--plot", type=Path)
     return p

@@ -18,8 +18,8 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {(r["framework"], r["cache"], r["attention"], r["length"]): r for r in result["rows"]}
-    expected = {(fw, mode, a, n) for fw in FRAMEWORKS for mode in ("cached", "uncached") for a in ("mla", "mha")
-                for n in (3, 5)}
+    modes = {"mla": ("cached", "expanded", "uncached"), "mha": ("cached", "uncached")}
+    expected = {(fw, mode, a, n) for fw in FRAMEWORKS for a in ("mla", "mha") for mode in modes[a] for n in (3, 5)}
     assert set(rows) == expected and len(result["rows"]) == len(expected)
     for key, row in rows.items():
         for column in COLUMNS:
@@ -31,10 +31,15 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     for fw in FRAMEWORKS:
         for n in (3, 5):
             assert rows[(fw, "cached", "mla", n)]["cache_bytes"] < rows[(fw, "cached", "mha", n)]["cache_bytes"]
+            # the expanded form holds the same latent self-attention cache but expanded cross-attention K/V
+            expanded, absorbed = rows[(fw, "expanded", "mla", n)], rows[(fw, "cached", "mla", n)]
+            assert expanded["self_cache_bytes"] == absorbed["self_cache_bytes"]
+            assert expanded["cross_cache_bytes"] > absorbed["cross_cache_bytes"]
         info = result["frameworks"][fw]
         assert info["matmul_gflops"] > 0 and info["train_samples_per_s"] > 0
         assert all(info["encoder"][a]["fraction_of_matmul"] > 0 for a in ("mla", "mha"))
-    assert len(result["speedups"]) == len(expected) // 2
+        assert info["cross_attention_us"]["latent"] > 0 and info["cross_attention_us"]["expanded"] > 0
+    assert len(result["speedups"]) == 2 * 2 * len(FRAMEWORKS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
