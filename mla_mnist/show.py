@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from importlib import import_module
 from pathlib import Path
 
@@ -83,27 +81,12 @@ def _png_path(out) -> Path:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_figure(fig, out) -> Path:
     """PNG written to a temporary file beside `out`, then renamed over it (never a half-written file)."""
+    from mnist_grid.images import atomic_write
+
     out = _png_path(out)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror or e}); choose a writable location") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a saved picture is an ordinary file
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {out} ({e.strerror or e}); choose a writable location") from None
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     return out
 
 

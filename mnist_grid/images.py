@@ -72,23 +72,29 @@ def load_image(path, grid):
     return out
 
 
+def atomic_write(path, write_fn):
+    """write_fn(f) fills a binary temp file beside `path` that then replaces it: never a half-written file."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable location") from None
+        raise
+
+
 def save_image(path, x):
     """Write a float [0, 1] array as an 8-bit grayscale PNG, atomically."""
-    path = Path(path)
     pixels = np.round(np.clip(np.asarray(x, dtype=np.float32).squeeze(), 0, 1) * 255).astype(np.uint8)
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {np.shape(x)}")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable location") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(pixels, "L").save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a rendered image is for anyone
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable location") from None
+    atomic_write(path, lambda f: Image.fromarray(pixels, "L").save(f, format="PNG"))
