@@ -1,4 +1,5 @@
-"""Training curves from a checkpoint's metrics.json (one run, or the stages of a multi-stage recipe)."""
+"""Training curves from a checkpoint's metrics.json (one run, or the stages of a multi-stage recipe, where a
+stage may hold several runs side by side under "runs")."""
 from __future__ import annotations
 
 import json
@@ -16,16 +17,23 @@ def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0.0
     for i, stage in enumerate(stages):
-        h = stage["history"]
-        if not h:
-            continue
-        ep = [offset + r["epoch"] for r in h]
-        tag = f"stage {i + 1}" if len(stages) > 1 else ""
-        ax_loss.plot(ep, [r["train_loss"] for r in h], "-o", ms=3, label=f"train {tag}")
-        ax_loss.plot(ep, [r["val_loss"] for r in h], "--o", ms=3, label=f"val {tag}")
-        ax_acc.plot(ep, [100 * r["val_exact_match"] for r in h], "-o", ms=3, label=f"val exact match {tag}")
-        ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3, label=f"val digit accuracy {tag}")
-        offset = ep[-1]
+        runs = stage.get("runs") or [stage]  # a stage may hold runs side by side, all from the same start
+        end = offset
+        for j, run in enumerate(runs):
+            h = run.get("history") or []
+            if not h:
+                continue
+            ep = [offset + r["epoch"] for r in h]
+            tag = f"stage {i + 1}" if len(stages) > 1 else ""
+            if len(runs) > 1:
+                tag = f"{tag} {run.get('name', j + 1)}".strip()
+            ax_loss.plot(ep, [r["train_loss"] for r in h], "-o", ms=3, label=f"train {tag}")
+            ax_loss.plot(ep, [r["val_loss"] for r in h], "--o", ms=3, label=f"val {tag}")
+            ax_acc.plot(ep, [100 * r["val_exact_match"] for r in h], "-o", ms=3, label=f"val exact match {tag}")
+            ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3,
+                        label=f"val digit accuracy {tag}")
+            end = max(end, ep[-1])
+        offset = end
     ax_loss.set(yscale="log", xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="%", title="validation (greedy decoding)", ylim=(80, 100.5))
     for ax in (ax_loss, ax_acc):
