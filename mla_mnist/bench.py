@@ -367,10 +367,20 @@ def _load():
 
 
 def _versions(runner):
+    """Framework version and, where the framework can tell, the device's own name (a GPU's model)."""
     if runner.name == "torch":
         torch = runner.backend.torch
-        return {"version": torch.__version__, "threads": torch.get_num_threads()}
-    return {"version": runner.backend.mx.__version__}
+        out = {"version": torch.__version__, "threads": torch.get_num_threads()}
+        if runner.cuda:
+            out["device_name"] = torch.cuda.get_device_name()
+        return out
+    mx = runner.backend.mx
+    out = {"version": mx.__version__}
+    try:
+        out["device_name"] = mx.device_info().get("device_name")
+    except (AttributeError, RuntimeError):  # older MLX, or a backend without the query
+        pass
+    return out
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -405,7 +415,8 @@ def format_report(result) -> str:
               "encoder (mha) GFLOP/s | fraction | training samples/s |", "|" + "---|" * 8]
     for fw, info in result["frameworks"].items():
         e = info["encoder"]
-        lines.append(f"| {fw} | {info['device']} | {info['matmul_gflops']:.1f} | {e['mla']['gflops']:.1f} | "
+        device = info["device"] + (f" ({info['device_name']})" if info.get("device_name") else "")
+        lines.append(f"| {fw} | {device} | {info['matmul_gflops']:.1f} | {e['mla']['gflops']:.1f} | "
                      f"{e['mla']['fraction_of_matmul']:.0%} | {e['mha']['gflops']:.1f} | "
                      f"{e['mha']['fraction_of_matmul']:.0%} | {_num(info.get('train_samples_per_s'), 2)}"
                      + (f" (batch {info['train_batch_size']})" if "train_batch_size" in info else "") + " |")

@@ -7,8 +7,6 @@ Self-attention keeps two forms of the same function:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
