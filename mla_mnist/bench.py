@@ -206,6 +206,56 @@ def _cross_attention_us(runner, model, batch, calls=200):
     return out
 
 
+# ---- weight and cache variants (quantization) -----------------------------------------------------------
+WEIGHT_VARIANTS = (("float32", None, None), ("float16", None, None), ("8-bit, groups of 64", 8, 64),
+                   ("4-bit, groups of 32", 4, 32))
+
+
+def weight_variants(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> list[dict]:
+    """File size and stored weight bytes of the model saved as each variant (quantized ones need MLX; scales
+    and unquantized tensors in float16, as `convert --quantize` writes them)."""
+    import tempfile
+
+    from convert import formats, safetensors_np
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, bits, group in WEIGHT_VARIANTS:
+            out, dtype, vcfg = weights, ("float16" if name != "float32" else "float32"), cfg
+            if bits is not None:
+                try:
+                    out, _ = formats._quantize(weights, dtype, bits, group)
+                except UserError as e:  # no MLX: the float rows still stand
+                    rows.append({"variant": name, "skipped": str(e)})
+                    continue
+                vcfg = cfg.replace(quantization={"bits": bits, "group_size": group})
+            path = checkpoint.save(Path(tmp) / name.split(",")[0], vcfg, out, dtype=dtype)
+            stored, _, _ = safetensors_np.read(path / checkpoint.WEIGHTS, upcast_bf16=False)
+            rows.append({"variant": name, "file_bytes": (path / checkpoint.WEIGHTS).stat().st_size,
+                         "weight_bytes": sum(a.nbytes for a in stored.values())})
+    return rows
+
+
+def cache_variants(runner, cfg: ModelConfig, batch: int, length: int) -> list[dict]:
+    """Bytes of the decoder self-attention cache for `length` positions, read from real cache objects: MLA latent
+    in float32 / float16, the int8 latent (per-token scale, k_pe in the model dtype), and MHA's K/V in float32."""
+    b, rows = runner.backend, []
+    for name, attention, dtype, quantized in (("MHA K/V, float32", "mha", "float32", False),
+                                              ("MLA latent, float32", "mla", "float32", False),
+                                              ("MLA latent, float16", "mla", "float16", False),
+                                              ("MLA int8 latent, float32 model", "mla", "float32", True),
+                                              ("MLA int8 latent, float16 model", "mla", "float16", True)):
+        model = b.build(cfg.replace(attention=attention), seed=0)
+        if runner.name == "torch":
+            model.to(dtype=getattr(b.torch, dtype))
+        else:
+            model.set_dtype(getattr(b.mx, dtype))
+        dc = model.new_cache(batch, length, [], quantized)
+        rows.append({"cache": name, "bytes": dc.self_nbytes,
+                     "bytes_per_position_per_layer": dc.self_nbytes // (batch * length * cfg.dec_layers)})
+    return rows
+
+
 def _synthetic_batch(cfg, batch, seed=0):
     """Random images and full-length token rows (<start> grid^2 digits <finish>): throughput only."""
     rng = np.random.default_rng(seed)
@@ -316,6 +366,12 @@ def run(args):
             info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, tb, args.train_steps)
             info["train_steps"], info["train_batch_size"] = args.train_steps, tb
             _progress(f"{fw} training: {info['train_samples_per_s']:.2f} samples/s")
+    if args.checkpoint is not None:
+        weights = checkpoint.load(args.checkpoint)[1]
+    else:
+        weights = runners[0].backend.weights(runners[0].backend.build(cfg, seed=0))
+    result["weight_variants"] = weight_variants(cfg, weights) if not cfg.quantization else []
+    result["cache_variants"] = cache_variants(runners[0], cfg, b, max(lengths))
     result["speedups"] = _speedups(result["rows"])
     result["machine"]["load_average_after"] = _load()
     print(format_report(result))
@@ -420,6 +476,17 @@ def format_report(result) -> str:
                      f"{e['mla']['fraction_of_matmul']:.0%} | {e['mha']['gflops']:.1f} | "
                      f"{e['mha']['fraction_of_matmul']:.0%} | {_num(info.get('train_samples_per_s'), 2)}"
                      + (f" (batch {info['train_batch_size']})" if "train_batch_size" in info else "") + " |")
+    if result.get("weight_variants"):
+        lines += ["", "| weights | file bytes | stored weight bytes |", "|---|---|---|"]
+        lines += [f"| {w['variant']} | {w['file_bytes']:,} | {w['weight_bytes']:,} |" if "file_bytes" in w
+                  else f"| {w['variant']} | - | - ({w['skipped']}) |" for w in result["weight_variants"]]
+    if result.get("cache_variants"):
+        fp16 = next(c["bytes"] for c in result["cache_variants"] if c["cache"] == "MLA latent, float16")
+        mha = next(c["bytes"] for c in result["cache_variants"] if c["cache"] == "MHA K/V, float32")
+        lines += ["", f"| self-attention cache, {max(result['lengths'])} positions | bytes | per position per layer "
+                  "| / MLA float16 | / MHA float32 |", "|---|---|---|---|---|"]
+        lines += [f"| {c['cache']} | {c['bytes']:,} | {c['bytes_per_position_per_layer']} | "
+                  f"{c['bytes'] / fp16:.2f} | {c['bytes'] / mha:.3f} |" for c in result["cache_variants"]]
     for fw, info in result["frameworks"].items():
         if "cross_attention_us" in info:
             c = info["cross_attention_us"]

@@ -40,6 +40,16 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
         assert all(info["encoder"][a]["fraction_of_matmul"] > 0 for a in ("mla", "mha"))
         assert info["cross_attention_us"]["latent"] > 0 and info["cross_attention_us"]["expanded"] > 0
     assert len(result["speedups"]) == 2 * 2 * len(FRAMEWORKS)
+    # Weight variants: every smaller format writes a smaller file; cache variants are exact byte counts.
+    sizes = [w["file_bytes"] for w in result["weight_variants"]]
+    assert [w["variant"].split(",")[0] for w in result["weight_variants"]] == ["float32", "float16", "8-bit", "4-bit"]
+    assert all(a > b for a, b in zip(sizes, sizes[1:])) and all(w["weight_bytes"] > 0 for w in result["weight_variants"])
+    cfg = ModelConfig.preset("tiny")
+    per = {c["cache"]: c["bytes"] / (4 * 5 * cfg.dec_layers) for c in result["cache_variants"]}
+    r, pe = cfg.dec_kv_rank, cfg.rope_dim
+    assert per == {"MHA K/V, float32": 2 * cfg.d_model * 4, "MLA latent, float32": (r + pe) * 4,
+                   "MLA latent, float16": (r + pe) * 2, "MLA int8 latent, float32 model": r + 4 + pe * 4,
+                   "MLA int8 latent, float16 model": r + 2 + pe * 2}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
