@@ -237,7 +237,7 @@ def _check_quantize(src: Path, dst: Path, bits: int, group_size: int):
     _mlx()
 
 
-def _quantize(weights: dict[str, np.ndarray], dtype: str, bits: int, group_size: int) -> tuple[dict, int]:
+def quantize_weights(weights: dict[str, np.ndarray], dtype: str, bits: int, group_size: int) -> tuple[dict, int]:
     """mx.quantize on every weight convert.quantize selects, exactly as mla_mlx.checkpoint.quantize's
     QuantizedLinear layers do it; in `dtype`, so that the scales and biases are the ones saved."""
     mx = _mlx()
@@ -263,7 +263,7 @@ def _write_quantized(src: Path, dst: Path, cfg: ModelConfig, weights, dtype: str
     if cfg.quantization:
         raise UserError(f"{src} is already quantized ({cfg.quantization['bits']}-bit): convert its float source")
     _check_directory_target(src, dst)
-    packed, n = _quantize(weights, dtype, bits, group_size)
+    packed, n = quantize_weights(weights, dtype, bits, group_size)
     cfg = cfg.replace(quantization={"bits": bits, "group_size": group_size})
     checkpoint.save(dst, cfg, packed, dtype=dtype, preset=preset)
     before, after = _weights_bytes(src), (dst / checkpoint.WEIGHTS).stat().st_size

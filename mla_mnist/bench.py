@@ -7,6 +7,7 @@ of what this machine can do.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -186,13 +187,12 @@ def _cross_attention_us(runner, model, batch, calls=200):
     x = b.array(rng.standard_normal((batch, 1, cfg.d_model), dtype=np.float32))
     if runner.name == "torch":
         enc, x = enc.to(model.head.weight.dtype), x.to(model.head.weight.dtype)
-        grad = b.torch.no_grad()
+        no_grad = b.torch.no_grad()
     else:
         enc, x = enc.astype(model.head.weight.dtype), x.astype(model.head.weight.dtype)
-        from contextlib import nullcontext as grad
-        grad = grad()
+        no_grad = contextlib.nullcontext()  # MLX builds no graph for gradients unless asked
     layer, out = model.decoder[0].cross_attn, {}
-    with grad:
+    with no_grad:
         for name, absorb in (("latent", True), ("expanded", False)):
             memory = layer.memory(enc, absorb)
             runner.sync(*memory.values())
@@ -224,7 +224,7 @@ def weight_variants(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> list[di
             out, dtype, vcfg = weights, ("float16" if name != "float32" else "float32"), cfg
             if bits is not None:
                 try:
-                    out, _ = formats._quantize(weights, dtype, bits, group)
+                    out, _ = formats.quantize_weights(weights, dtype, bits, group)
                 except UserError as e:  # no MLX: the float rows still stand
                     rows.append({"variant": name, "skipped": str(e)})
                     continue
@@ -245,11 +245,7 @@ def cache_variants(runner, cfg: ModelConfig, batch: int, length: int) -> list[di
                                               ("MLA latent, float16", "mla", "float16", False),
                                               ("MLA int8 latent, float32 model", "mla", "float32", True),
                                               ("MLA int8 latent, float16 model", "mla", "float16", True)):
-        model = b.build(cfg.replace(attention=attention), seed=0)
-        if runner.name == "torch":
-            model.to(dtype=getattr(b.torch, dtype))
-        else:
-            model.set_dtype(getattr(b.mx, dtype))
+        model = _cast(runner, b.build(cfg.replace(attention=attention), seed=0), dtype)
         dc = model.new_cache(batch, length, [], quantized)
         rows.append({"cache": name, "bytes": dc.self_nbytes,
                      "bytes_per_position_per_layer": dc.self_nbytes // (batch * length * cfg.dec_layers)})
@@ -286,12 +282,17 @@ def _model(runner, cfg, attention, ckpt, dtype):
     b = runner.backend
     if ckpt is not None and cfg.attention == attention:
         return b.load(ckpt, dtype=dtype), "checkpoint"
-    model = b.build(cfg.replace(attention=attention), seed=0)
+    return _cast(runner, b.build(cfg.replace(attention=attention), seed=0), dtype), "random"
+
+
+def _cast(runner, model, dtype: str):
+    """The model's weights in `dtype` (a name: float32, float16, bfloat16)."""
+    b = runner.backend
     if runner.name == "torch":
         model.to(dtype=getattr(b.torch, dtype))
     else:
         model.set_dtype(getattr(b.mx, dtype))
-    return model, "random"
+    return model
 
 
 def _parse_list(text, flag, parse, allowed=None):
