@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import importlib.util
 import os
 from pathlib import Path
@@ -12,6 +13,20 @@ from convert.errors import UserError
 
 FRAMEWORKS = ("torch", "mlx")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "small"
+
+
+def _leave_process_group(dist):
+    """Tear the group down together: a rank that destroys it while another still talks to it can abort inside
+    gloo's threads (seen as "terminate called without an active exception"). The wait is bounded, since a
+    rank that failed alone never arrives."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except RuntimeError:  # another rank is gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def installed(name: str) -> bool:
@@ -86,7 +101,7 @@ class Backend:
                 dist.init_process_group("gloo")
             else:
                 raise UserError(f"data-parallel training on {self.device} is not supported: use --device cpu or cuda")
-            atexit.register(dist.destroy_process_group)
+            atexit.register(_leave_process_group, dist)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:  # mlx.launch: ring (MLX_HOSTFILE, MLX_RANK), MPI, or NCCL on CUDA, whichever it started
             group = self.mx.distributed.init()
