@@ -1,9 +1,11 @@
 """Multi-head latent attention (DeepSeek-V2 style) and the standard multi-head baseline.
 
 Self-attention keeps two forms of the same function:
-- expanded: kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training, prefill);
-- absorbed: the k half of kv_b_proj is folded into the query and the v half into the output, so attention runs
-  directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever expanded).
+- expanded (`__call__`): kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training,
+  prefill, and decoding when the expanded form is forced);
+- absorbed (`step`): the k half of kv_b_proj is folded into the query and the v half into the output, so
+  attention runs directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever
+  expanded).
 """
 from __future__ import annotations
 
@@ -33,16 +35,15 @@ def attend(q, k, v, scale, causal=False):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def latent_attention(q, keys, values, heads: int, causal=False):
+def latent_attention(q, keys, values, heads: int):
     """Attention of q [B, T, H, D] over one key/value "head" shared by all query heads (the latent).
 
     Heads fold into the query axis (row t*H + h), so the latent is never copied per head; the scale is already
     in q. MLX's fused attention takes a value dim different from the key dim (keys r + rope, values r).
     """
     b, t = q.shape[:2]
-    mask = causal_mask(t, keys.shape[1]) if causal else None
     out = mx.fast.scaled_dot_product_attention(q.reshape(b, 1, t * heads, -1), keys[:, None], values[:, None],
-                                               scale=1.0, mask=None if mask is None else mx.repeat(mask, heads, 0))
+                                               scale=1.0)
     return out.reshape(b, t, -1)
 
 
@@ -54,7 +55,8 @@ def dense_weight(layer) -> mx.array:
 
 
 def absorbed_weights(module, q_layer, k_dim: int):
-    """(w_q [H*(r + pe), in], w_o [d, H*r]): the absorbed projections, derived once per weight version.
+    """(w_q [in, H*(r + pe)], w_o [H*r, d]): the absorbed projections, derived once per weight version and
+    stored input-major (x @ w).
 
     q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
     remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
@@ -70,7 +72,7 @@ def absorbed_weights(module, q_layer, k_dim: int):
         w_q = mx.concatenate([q_lat, wq[:, k_dim:]], axis=1).reshape(-1, wq.shape[2]) * module.scale
         w_o = mx.einsum("dhv,hvr->dhr", wo.reshape(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
         # object.__setattr__: a tuple set through Module.__setattr__ would join the module's state tree.
-        object.__setattr__(module, "_absorbed", (sources, w_q.astype(dtype), w_o.astype(dtype)))
+        object.__setattr__(module, "_absorbed", (sources, w_q.T.astype(dtype), w_o.T.astype(dtype)))
     return module._absorbed[1:]
 
 
@@ -100,8 +102,9 @@ class MLASelfAttention(nn.Module):
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
         self._absorbed = None
 
-    def __call__(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
-        r = self.kv_rank
+    def __call__(self, x, offset: int = 0, cache=None, causal: bool = False):
+        """The expanded form: x [B, T, d] -> [B, T, d]; with a cache, x continues the cached prefix."""
+        r, h = self.kv_rank, self.heads
         q_a = self.q_a_norm(self.q_a_proj(x))
         c, k_pe = mx.split(self.kv_a_proj(x), [r], axis=-1)
         c = self.kv_a_norm(c)
@@ -109,28 +112,25 @@ class MLASelfAttention(nn.Module):
         if cache is not None:
             keys = cache.update(c, k_pe)  # [B, L, r + rope]: the latent and the rotary key, side by side
             c, k_pe = keys[..., :r], keys[..., r:]
-        elif absorb:
-            keys = mx.concatenate([c, k_pe], axis=-1)
-        if absorb:
-            return self._absorbed_attention(q_a, keys, offset, causal)
-        return self._expanded_attention(q_a, c, k_pe, offset, causal)
-
-    def _expanded_attention(self, q_a, c, k_pe, offset, causal):
-        b, h, length = c.shape[0], self.heads, c.shape[1]
+        b, length = c.shape[0], c.shape[1]
         q_nope, q_pe = mx.split(split_heads(self.q_b_proj(q_a), h), [self.nope_dim], axis=-1)
         q = mx.concatenate([q_nope, rope(q_pe, offset, self.base)], axis=-1)
         k_nope, v = mx.split(split_heads(self.kv_b_proj(c), h), [self.nope_dim], axis=-1)
         k = mx.concatenate([k_nope, mx.broadcast_to(k_pe[:, None], (b, h, length, self.rope_dim))], axis=-1)
         return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
-    def _absorbed_attention(self, q_a, keys, offset, causal):
+    def step(self, x, cache):
+        """The absorbed form for one new position: x [B, 1, d] -> [B, 1, d]. Only the new position's latent c and
+        k_pe are computed; the query moves into latent space and attends over the cache as it is stored."""
+        r, b, offset = self.kv_rank, x.shape[0], cache.length
         w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
-        b, t, _ = q_a.shape
-        q = (q_a @ w_q.T).reshape(b, t, self.heads, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
-        q_pe = rope(q[..., self.kv_rank:].swapaxes(1, 2), offset, self.base).swapaxes(1, 2)
-        q = mx.concatenate([q[..., :self.kv_rank], q_pe], axis=-1)
-        out = latent_attention(q, keys, keys[..., :self.kv_rank], self.heads, causal)  # [B, T, H*r]
-        return out @ w_o.T
+        q_a = self.q_a_norm(self.q_a_proj(x))
+        c, k_pe = mx.split(self.kv_a_proj(x), [r], axis=-1)
+        keys = cache.update(self.kv_a_norm(c), rope(k_pe, offset, self.base))  # [B, L, r + rope]
+        q = (q_a @ w_q).reshape(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q = mx.concatenate([q[..., :r], rope(q[..., r:], offset, self.base)], axis=-1)
+        out = latent_attention(q.reshape(b, 1, self.heads, -1), keys, keys[..., :r], self.heads)  # [B, 1, H*r]
+        return out @ w_o
 
 
 class MLACrossAttention(nn.Module):
@@ -158,8 +158,8 @@ class MLACrossAttention(nn.Module):
         if "c" in memory:
             w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
             b, t, _ = x.shape
-            q = (x @ w_q.T).reshape(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
-            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o.T
+            q = (x @ w_q).reshape(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o
         q = split_heads(self.q_proj(x), self.heads)
         return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
 
@@ -181,7 +181,7 @@ class MHASelfAttention(nn.Module):
         nope, pe = mx.split(x, [self.nope_dim], axis=-1)
         return mx.concatenate([nope, rope(pe, offset, self.base)], axis=-1)
 
-    def __call__(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
+    def __call__(self, x, offset: int = 0, cache=None, causal: bool = False):
         q = self._rope_heads(split_heads(self.q_proj(x), self.heads), offset)
         k = self._rope_heads(split_heads(self.k_proj(x), self.heads), offset)
         v = split_heads(self.v_proj(x), self.heads)

@@ -45,7 +45,8 @@ def generate(model, images, max_length: int | None = None, temperature: float = 
     dc = model.new_cache(b, max_length, model.memories(enc, absorb), quantize_cache) if cache else None
     for t in range(1, max_length):
         if dc is not None:
-            logits = model.decode(tokens[:, t - 1:t], dc.memories, dc, absorb=absorb)[:, -1]
+            last = tokens[:, t - 1:t]
+            logits = (model.step(last, dc) if absorb else model.decode(last, dc.memories, dc))[:, -1]
         else:
             logits = model.decode(tokens[:, :t], model.memories(enc))[:, -1]
         step_key = None
@@ -72,8 +73,8 @@ def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
                          for t in range(tokens.shape[1])], axis=1)
     absorb = absorb and model.config.attention == "mla"
     dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
-    return mx.concatenate([model.decode(tokens[:, t:t + 1], dc.memories, dc, absorb=absorb)
-                           for t in range(tokens.shape[1])], axis=1)
+    steps = (tokens[:, t:t + 1] for t in range(tokens.shape[1]))
+    return mx.concatenate([model.step(s, dc) if absorb else model.decode(s, dc.memories, dc) for s in steps], axis=1)
 
 
 def cross_attention_weights(model, images, tokens):

@@ -52,10 +52,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def __call__(self, x, memory, offset=0, cache=None, absorb=False):
-        x = x + self.dropout(self.self_attn(self.norm1(x), offset, cache, causal=True, absorb=absorb))
+    def __call__(self, x, memory, offset=0, cache=None):
+        x = x + self.dropout(self.self_attn(self.norm1(x), offset, cache, causal=True))
         x = x + self.dropout(self.cross_attn(self.norm2(x), memory))
         return x + self.dropout(self.mlp(self.norm3(x)))
+
+    def step(self, x, memory, cache):
+        """One new position in the absorbed form (MLA, inference): x [B, 1, d] -> [B, 1, d]."""
+        x = x + self.self_attn.step(self.norm1(x), cache)
+        x = x + self.cross_attn(self.norm2(x), memory)
+        return x + self.mlp(self.norm3(x))
 
 
 class EncoderDecoder(nn.Module):
@@ -86,12 +92,22 @@ class EncoderDecoder(nn.Module):
         """Cross-attention memory of every decoder layer, computed once per image."""
         return [layer.cross_attn.memory(enc, absorb) for layer in self.decoder]
 
-    def decode(self, tokens, memories, cache=None, absorb=False):
-        """tokens [B, T] -> logits [B, T, vocab]; with a cache, tokens continue the cached prefix."""
+    def decode(self, tokens, memories, cache=None):
+        """tokens [B, T] -> logits [B, T, vocab] (expanded form); with a cache, tokens continue the cached prefix."""
         offset = cache.offset if cache is not None else 0
         x = self.token_embed(tokens)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None, absorb)
+            x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.head(x)
+
+    def step(self, tokens, cache):
+        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form (MLA); the
+        cache holds the latent memories (`memories(enc, absorb=True)`)."""
+        x = self.token_embed(tokens)
+        for layer, memory, layer_cache in zip(self.decoder, cache.memories, cache.layers):
+            x = layer.step(x, memory, layer_cache)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.head(x)

@@ -1,9 +1,11 @@
 """Multi-head latent attention (DeepSeek-V2 style) and the standard multi-head baseline.
 
 Self-attention keeps two forms of the same function:
-- expanded: kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training, prefill);
-- absorbed: the k half of kv_b_proj is folded into the query and the v half into the output, so attention runs
-  directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever expanded).
+- expanded (`forward`): kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training,
+  prefill, and decoding when the expanded form is forced);
+- absorbed (`step`): the k half of kv_b_proj is folded into the query and the v half into the output, so
+  attention runs directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever
+  expanded).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def attend(q, k, v, scale, causal=False):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def latent_attention(q, keys, values, heads: int, causal=False):
+def latent_attention(q, keys, values, heads: int):
     """Attention of q [B, T, H, D] over one key/value "head" shared by all query heads (the latent).
 
     Heads fold into the query axis (row t*H + h), so the latent is never copied per head; the scale is already
@@ -72,15 +74,18 @@ def latent_attention(q, keys, values, heads: int, causal=False):
     """
     b, t = q.shape[:2]
     scores = torch.bmm(q.reshape(b, t * heads, -1), keys.transpose(1, 2))  # [B, T*H, L]
-    mask = causal_mask(t, keys.shape[1], q.device) if causal else None
-    if mask is not None:
-        scores = scores.masked_fill(~mask.repeat_interleave(heads, 0), float("-inf"))
-    out = torch.bmm(scores.softmax(-1), values)  # [B, T*H, r]
-    return out.view(b, t, -1)
+    return torch.bmm(scores.softmax(-1), values).view(b, t, -1)  # [B, T, H*r]
+
+
+def layer_norm(norm: nn.LayerNorm, x):
+    """norm(x) without the module call: one-token decoding makes a few hundred of these per token, and at batch 4
+    on a CPU a module call costs about as much as the op it wraps."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def absorbed_weights(module, q_layer, k_dim: int):
-    """(w_q [H*(r + pe), in], w_o [d, H*r]): the absorbed projections, derived once per weight version.
+    """(w_q [in, H*(r + pe)], w_o [H*r, d]): the absorbed projections, derived once per weight version and
+    stored input-major (x @ w: at batch 4 a matmul that streams cold weights row by row is the faster one).
 
     q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
     remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
@@ -96,7 +101,7 @@ def absorbed_weights(module, q_layer, k_dim: int):
         q_lat = torch.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
         w_q = torch.cat([q_lat, wq[:, k_dim:]], dim=1).reshape(-1, wq.shape[2]) * module.scale
         w_o = torch.einsum("dhv,hvr->dhr", wo.view(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
-        module._absorbed = (key, w_q.to(dtype), w_o.to(dtype))
+        module._absorbed = (key, w_q.t().contiguous().to(dtype), w_o.t().contiguous().to(dtype))
     return module._absorbed[1:]
 
 
@@ -126,8 +131,9 @@ class MLASelfAttention(nn.Module):
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
         self._absorbed = None
 
-    def forward(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
-        r = self.kv_rank
+    def forward(self, x, offset: int = 0, cache=None, causal: bool = False):
+        """The expanded form: x [B, T, d] -> [B, T, d]; with a cache, x continues the cached prefix."""
+        r, h = self.kv_rank, self.heads
         q_a = self.q_a_norm(self.q_a_proj(x))
         c, k_pe = self.kv_a_proj(x).split([r, self.rope_dim], dim=-1)
         c = self.kv_a_norm(c)
@@ -135,27 +141,25 @@ class MLASelfAttention(nn.Module):
         if cache is not None:
             keys = cache.update(c, k_pe)  # [B, L, r + rope]: the latent and the rotary key, side by side
             c, k_pe = keys[..., :r], keys[..., r:]
-        elif absorb:
-            keys = torch.cat([c, k_pe], dim=-1)
-        if absorb:
-            return self._absorbed_attention(q_a, keys, offset, causal)
-        return self._expanded_attention(q_a, c, k_pe, offset, causal)
-
-    def _expanded_attention(self, q_a, c, k_pe, offset, causal):
-        b, h, length = c.shape[0], self.heads, c.shape[1]
+        b, length = c.shape[0], c.shape[1]
         q_nope, q_pe = split_heads(self.q_b_proj(q_a), h).split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat([q_nope, rope(q_pe, offset, self.base)], dim=-1)
         k_nope, v = split_heads(self.kv_b_proj(c), h).split([self.nope_dim, self.head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, h, length, self.rope_dim)], dim=-1)
         return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
-    def _absorbed_attention(self, q_a, keys, offset, causal):
+    def step(self, x, cache):
+        """The absorbed form for one new position: x [B, 1, d] -> [B, 1, d]. Only the new position's latent c and
+        k_pe are computed; the query moves into latent space and attends over the cache as it is stored."""
+        r, b, offset = self.kv_rank, x.shape[0], cache.length
         w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
-        b, t, _ = q_a.shape
-        q = F.linear(q_a, w_q).view(b, t, self.heads, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
-        q[..., self.kv_rank:] = rope(q[..., self.kv_rank:].transpose(1, 2), offset, self.base).transpose(1, 2)
-        out = latent_attention(q, keys, keys[..., :self.kv_rank], self.heads, causal)  # [B, T, H*r]
-        return F.linear(out, w_o)
+        q_a = layer_norm(self.q_a_norm, F.linear(x, self.q_a_proj.weight))
+        c, k_pe = F.linear(x, self.kv_a_proj.weight).split([r, self.rope_dim], dim=-1)
+        keys = cache.update(layer_norm(self.kv_a_norm, c), rope(k_pe, offset, self.base))  # [B, L, r + rope]
+        q = (q_a @ w_q).view(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q[..., r:] = rope(q[..., r:], offset, self.base)
+        out = latent_attention(q.view(b, 1, self.heads, -1), keys, keys[..., :r], self.heads)  # [B, 1, H*r]
+        return out @ w_o
 
 
 class MLACrossAttention(nn.Module):
@@ -183,8 +187,8 @@ class MLACrossAttention(nn.Module):
         if "c" in memory:
             w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
             b, t, _ = x.shape
-            q = F.linear(x, w_q).view(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
-            return F.linear(latent_attention(q, memory["c"], memory["c"], self.heads), w_o)
+            q = (x @ w_q).view(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o
         q = split_heads(self.q_proj(x), self.heads)
         return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
 
@@ -206,7 +210,7 @@ class MHASelfAttention(nn.Module):
         nope, pe = x.split([self.nope_dim, self.rope_dim], dim=-1)
         return torch.cat([nope, rope(pe, offset, self.base)], dim=-1)
 
-    def forward(self, x, offset: int = 0, cache=None, causal: bool = False, absorb: bool = False):
+    def forward(self, x, offset: int = 0, cache=None, causal: bool = False):
         q = self._rope_heads(split_heads(self.q_proj(x), self.heads), offset)
         k = self._rope_heads(split_heads(self.k_proj(x), self.heads), offset)
         v = split_heads(self.v_proj(x), self.heads)

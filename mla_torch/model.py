@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from convert.config import MNIST_MEAN, MNIST_STD, ModelConfig
 
-from .attention import cross_attention, self_attention
+from .attention import cross_attention, layer_norm, self_attention
 from .cache import new_cache
 
 
@@ -53,10 +53,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory, offset=0, cache=None, absorb=False):
-        x = x + self.dropout(self.self_attn(self.norm1(x), offset, cache, causal=True, absorb=absorb))
+    def forward(self, x, memory, offset=0, cache=None):
+        x = x + self.dropout(self.self_attn(self.norm1(x), offset, cache, causal=True))
         x = x + self.dropout(self.cross_attn(self.norm2(x), memory))
         return x + self.dropout(self.mlp(self.norm3(x)))
+
+    def step(self, x, memory, cache):
+        """One new position in the absorbed form (MLA, inference): x [B, 1, d] -> [B, 1, d]. Norms and the MLP
+        are called as functions: this runs once per layer per generated token."""
+        x = x + self.self_attn.step(layer_norm(self.norm1, x), cache)
+        x = x + self.cross_attn(layer_norm(self.norm2, x), memory)
+        h = F.gelu(F.linear(layer_norm(self.norm3, x), self.mlp.fc1.weight, self.mlp.fc1.bias))
+        return x + F.linear(h, self.mlp.fc2.weight, self.mlp.fc2.bias)
 
 
 class EncoderDecoder(nn.Module):
@@ -86,15 +94,25 @@ class EncoderDecoder(nn.Module):
         """Cross-attention memory of every decoder layer, computed once per image."""
         return [layer.cross_attn.memory(enc, absorb) for layer in self.decoder]
 
-    def decode(self, tokens, memories, cache=None, absorb=False):
-        """tokens [B, T] -> logits [B, T, vocab]; with a cache, tokens continue the cached prefix."""
+    def decode(self, tokens, memories, cache=None):
+        """tokens [B, T] -> logits [B, T, vocab] (expanded form); with a cache, tokens continue the cached prefix."""
         offset = cache.offset if cache is not None else 0
         x = self.token_embed(tokens)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None, absorb)
+            x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.head(x)
+
+    def step(self, tokens, cache):
+        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form (MLA); the
+        cache holds the latent memories (`memories(enc, absorb=True)`)."""
+        x = F.embedding(tokens, self.token_embed.weight)
+        for layer, memory, layer_cache in zip(self.decoder, cache.memories, cache.layers):
+            x = layer.step(x, memory, layer_cache)
+        if self.decoder_norm is not None:
+            x = layer_norm(self.decoder_norm, x)
+        return F.linear(x, self.head.weight, self.head.bias)
 
     def forward(self, images, tokens):
         return self.decode(tokens, self.memories(self.encode(images)))

@@ -176,7 +176,7 @@ def test_absorbed_weights_derived_once_then_after_each_optimizer_step(framework,
     q_lat = np.einsum("hkr,hki->hri", w_kv[:, :n], w_qb[:, :n])
     want_q = np.concatenate([q_lat, w_qb[:, n:]], axis=1).reshape(-1, w_qb.shape[2]) * cfg.head_dim ** -0.5
     want_o = np.einsum("dhv,hvr->dhr", w_out, w_kv[:, n:]).reshape(cfg.d_model, -1)
-    w_q, w_o = (backend.numpy(a) for a in attn._absorbed[1:])
+    w_q, w_o = (backend.numpy(a).T for a in attn._absorbed[1:])  # stored input-major
     np.testing.assert_allclose(w_q, want_q, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w_o, want_o, rtol=1e-5, atol=1e-7)
 

@@ -136,11 +136,11 @@ def test_absorbed_weights_follow_the_weight_arrays():
     w_q, w_o = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
     assert absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)[0] is w_q  # derived once, not per call
     h, r = cfg.heads, cfg.dec_kv_rank
-    assert w_q.shape == (h * (r + cfg.rope_dim), cfg.dec_q_rank) and w_o.shape == (cfg.d_model, h * r)
+    assert w_q.shape == (cfg.dec_q_rank, h * (r + cfg.rope_dim)) and w_o.shape == (h * r, cfg.d_model)  # input-major
     attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new version of any source array re-derives both
     w_q2, w_o2 = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
-    q_lat = np.array(w_q).reshape(h, r + cfg.rope_dim, -1)
-    q_lat2 = np.array(w_q2).reshape(h, r + cfg.rope_dim, -1)
+    q_lat = np.array(w_q).T.reshape(h, r + cfg.rope_dim, -1)
+    q_lat2 = np.array(w_q2).T.reshape(h, r + cfg.rope_dim, -1)
     assert w_q2 is not w_q and np.allclose(q_lat2[:, :r], 2 * q_lat[:, :r]) and np.allclose(q_lat2[:, r:], q_lat[:, r:])
     assert np.allclose(np.array(w_o2), 2 * np.array(w_o))
     attn.o_proj.weight = attn.o_proj.weight * 0.5
