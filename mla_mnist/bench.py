@@ -145,9 +145,11 @@ def _rss_peak(fn):
 
 
 # ---- measurements ------------------------------------------------------------------------------------
-def _generation_row(runner, model, images, length, mode, repeats, warm_up):
-    """Median seconds of a forced-length generation and of the encoder inside it, plus the cache it held and
-    the peak memory of the last run."""
+def _generation_rows(runner, model, images, length, modes, repeats, warm_up):
+    """Every mode at one length, the repeats interleaved (A B C, A B C, ...) so that a slow spell of a shared
+    machine falls on every mode alike and the ratios between modes are measured side by side. Per mode:
+    median seconds of a forced-length generation and of the encoder inside it, the cache it held, and the
+    peak memory of its last run."""
     encode, enc_times = model.encode, []
 
     def timed_encode(x):
@@ -157,25 +159,33 @@ def _generation_row(runner, model, images, length, mode, repeats, warm_up):
         enc_times.append(time.perf_counter() - start)
         return out
 
-    def once():
+    def once(mode):
+        enc_times.clear()
         start = time.perf_counter()
         out, dc = runner.generate(model, images, max_length=length, stop=False, cache=mode != "uncached",
                                   absorb=mode == "cached", return_cache=True)
         runner.sync(out)
-        return dc, time.perf_counter() - start
+        return dc, time.perf_counter() - start, enc_times[0]
 
     model.encode = timed_encode  # an instance attribute: generate's own call is timed, nothing else changes
+    runs, memory = {mode: [] for mode in modes}, {}
     try:
-        if warm_up:
-            once()
-            enc_times.clear()
-        totals = [once()[1] for _ in range(repeats - 1)]
-        (dc, seconds), memory = runner.peak_memory(once)
-        totals.append(seconds)
+        for mode in modes if warm_up else ():
+            once(mode)
+        for _ in range(repeats - 1):
+            for mode in modes:
+                runs[mode].append(once(mode))
+        for mode in modes:  # the last round also reads the peak memory
+            run, memory[mode] = runner.peak_memory(lambda: once(mode))
+            runs[mode].append(run)
     finally:
         del model.encode
-    decode = statistics.median(t - e for t, e in zip(totals, enc_times))
-    return statistics.median(totals), statistics.median(enc_times), decode, dc, memory
+    out = {}
+    for mode, timed in runs.items():
+        totals, encs = [t for _, t, _ in timed], [e for _, _, e in timed]
+        out[mode] = (statistics.median(totals), statistics.median(encs),
+                     statistics.median(t - e for t, e in zip(totals, encs)), timed[-1][0], memory[mode])
+    return out
 
 
 def _cross_attention_us(runner, model, batch, calls=200):
@@ -335,17 +345,19 @@ def run(args):
     for runner in runners:
         fw = runner.name
         info = result["frameworks"][fw] = {"device": str(runner.backend.device), **_versions(runner)}
-        info["matmul_gflops"] = runner.matmul_gflops(max(args.repeats, 3))
-        _progress(f"{fw} on {info['device']}: fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
+        # The matmul rate is sampled between the generation rows and its median kept: the encoder's share of
+        # it then compares two medians over the same stretch of time.
+        matmul = [runner.matmul_gflops(max(args.repeats, 3))]
+        _progress(f"{fw} on {info['device']}: fp32 matmul {matmul[0]:.1f} GFLOP/s")
         info["encoder"] = {}
         for attention in ATTENTIONS:
             model, weights = _model(runner, cfg, attention, args.checkpoint, args.dtype)
             x = runner.backend.array(images)
             enc_ms = []
-            for mode in MODES[attention]:
-                for length in lengths:  # one warm-up per mode (at the first length) readies every kernel
-                    total, enc, decode, dc, memory = _generation_row(
-                        runner, model, x, length, mode, args.repeats, warm_up=length == lengths[0])
+            for length in lengths:  # one warm-up per mode (at the first length) readies every kernel
+                rows = _generation_rows(runner, model, x, length, MODES[attention], args.repeats,
+                                        warm_up=length == lengths[0])
+                for mode, (total, enc, decode, dc, memory) in rows.items():
                     enc_ms.append(1e3 * enc)
                     result["rows"].append({
                         "framework": fw, "cache": mode, "attention": attention, "weights": weights,
@@ -356,12 +368,15 @@ def run(args):
                         "cross_cache_bytes": dc.cross_nbytes if dc is not None else None,
                         **memory})
                     _progress(f"{fw} {mode} {attention} length {length}: {b / total:.2f} samples/s")
+                matmul.append(runner.matmul_gflops(3))
             if attention == "mla":
                 info["cross_attention_us"] = _cross_attention_us(runner, model, b)
             flops = encoder_flops(cfg.replace(attention=attention)) * b
-            achieved = flops / (statistics.median(enc_ms) / 1e3) / 1e9
             info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": statistics.median(enc_ms),
-                                          "gflops": achieved, "fraction_of_matmul": achieved / info["matmul_gflops"]}
+                                          "gflops": flops / (statistics.median(enc_ms) / 1e3) / 1e9}
+        info["matmul_gflops"], info["matmul_gflops_samples"] = statistics.median(matmul), matmul
+        for e in info["encoder"].values():
+            e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
         if args.train_steps:
             tb = args.train_batch_size or b
             info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, tb, args.train_steps)
@@ -373,6 +388,9 @@ def run(args):
         weights = runners[0].backend.weights(runners[0].backend.build(cfg, seed=0))
     result["weight_variants"] = weight_variants(cfg, weights) if not cfg.quantization else []
     result["cache_variants"] = cache_variants(runners[0], cfg, b, max(lengths))
+    order = list(result["frameworks"])  # the report reads mode by mode; the runs went length by length
+    result["rows"].sort(key=lambda r: (order.index(r["framework"]), ATTENTIONS.index(r["attention"]),
+                                       MODES[r["attention"]].index(r["cache"]), r["length"]))
     result["speedups"] = _speedups(result["rows"])
     result["machine"]["load_average_after"] = _load()
     print(format_report(result))
@@ -452,7 +470,7 @@ def _num(v, digits=1):
 def format_report(result) -> str:
     m = result["machine"]
     lines = [f"model: {result['model']} ({result['dtype']}), batch {result['batch_size']}, "
-             f"median of {result['repeats']}, "
+             f"median of {result['repeats']} (modes interleaved), "
              f"forced lengths {result['lengths']}",
              f"machine: {m.get('cpu', m['processor'])}, {m.get('cpus', '?')} CPUs, 1-min load average "
              f"{m['load_average_before']} before, {m.get('load_average_after')} after", "",

@@ -55,6 +55,37 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
 
 
+def test_generation_rows_interleave_the_modes_repeat_by_repeat():
+    """A slow spell of a shared machine must fall on every mode alike: runs go A B C, A B C, ..."""
+    from mla_mnist import bench
+
+    calls = []
+
+    class Cache:
+        nbytes = self_nbytes = cross_nbytes = 1
+
+    class Runner:
+        def sync(self, *arrays):
+            pass
+
+        def generate(self, model, images, cache, absorb, **kw):
+            model.encode(images)
+            calls.append("uncached" if not cache else "cached" if absorb else "expanded")
+            return images, Cache()
+
+        def peak_memory(self, fn):
+            return fn(), {"peak_memory_bytes": 1}
+
+    class Model:
+        def encode(self, x):
+            return x
+
+    modes = ("cached", "expanded", "uncached")
+    rows = bench._generation_rows(Runner(), Model(), [0], 5, modes, repeats=3, warm_up=True)
+    assert calls == list(modes) * 4  # one warm-up round, then three timed rounds
+    assert set(rows) == set(modes) and all(len(row) == 5 for row in rows.values())
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--lengths", "1,5"], "--lengths"),
     (["--lengths", "ten"], "--lengths"),
