@@ -131,7 +131,7 @@ def _rss_peak(fn):
     """Torch on a CPU has no allocation counter: the process's peak resident memory during fn, and its growth."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the high-water mark to the current RSS
-        before = _rss_kib()["VmRSS"]
+        before = _rss_kib()["VmHWM"]  # the reset mark itself: the high-water mark only grows from here
         out = fn()
         peak = _rss_kib()["VmHWM"]
         method = "process peak RSS (VmHWM, reset before the run; interpreter and libraries included)"
