@@ -145,21 +145,23 @@ def _rss_peak(fn):
 
 
 # ---- measurements ------------------------------------------------------------------------------------
-def _generation_rows(runner, model, images, length, modes, repeats, warm_up):
-    """Every mode at one length, the repeats interleaved (A B C, A B C, ...) so that a slow spell of a shared
-    machine falls on every mode alike and the ratios between modes are measured side by side. Per mode:
-    median seconds of a forced-length generation and of the encoder inside it, the cache it held, and the
-    peak memory of its last run."""
-    encode, enc_times = model.encode, []
+def _generation_rows(players, length, repeats, warm_up):
+    """Every player (runner, model, images, mode) at one length, the repeats interleaved (A B C, A B C, ...) so
+    that a slow spell of a shared machine falls on every player alike: the ratios between modes, and between
+    frameworks, are measured side by side. Per player: median seconds of a forced-length generation and of the
+    encoder inside it, the median of their difference, the cache it held, and the peak memory of its last run."""
+    enc_times = []
 
-    def timed_encode(x):
-        start = time.perf_counter()
-        out = encode(x)
-        runner.sync(out)
-        enc_times.append(time.perf_counter() - start)
-        return out
+    def timed(runner, encode):
+        def timed_encode(x):
+            start = time.perf_counter()
+            out = encode(x)
+            runner.sync(out)
+            enc_times.append(time.perf_counter() - start)
+            return out
+        return timed_encode
 
-    def once(mode):
+    def once(runner, model, images, mode):
         enc_times.clear()
         start = time.perf_counter()
         out, dc = runner.generate(model, images, max_length=length, stop=False, cache=mode != "uncached",
@@ -167,24 +169,27 @@ def _generation_rows(runner, model, images, length, modes, repeats, warm_up):
         runner.sync(out)
         return dc, time.perf_counter() - start, enc_times[0]
 
-    model.encode = timed_encode  # an instance attribute: generate's own call is timed, nothing else changes
-    runs, memory = {mode: [] for mode in modes}, {}
+    models = {id(model): (runner, model) for runner, model, _, _ in players}
+    for runner, model in models.values():  # an instance attribute: generate's own call is timed, nothing else
+        model.encode = timed(runner, model.encode)
+    runs, memory = [[] for _ in players], [None] * len(players)
     try:
-        for mode in modes if warm_up else ():
-            once(mode)
+        for player in players if warm_up else ():
+            once(*player)
         for _ in range(repeats - 1):
-            for mode in modes:
-                runs[mode].append(once(mode))
-        for mode in modes:  # the last round also reads the peak memory
-            run, memory[mode] = runner.peak_memory(lambda: once(mode))
-            runs[mode].append(run)
+            for i, player in enumerate(players):
+                runs[i].append(once(*player))
+        for i, player in enumerate(players):  # the last round also reads the peak memory
+            run, memory[i] = player[0].peak_memory(lambda: once(*player))
+            runs[i].append(run)
     finally:
-        del model.encode
-    out = {}
-    for mode, timed in runs.items():
-        totals, encs = [t for _, t, _ in timed], [e for _, _, e in timed]
-        out[mode] = (statistics.median(totals), statistics.median(encs),
-                     statistics.median(t - e for t, e in zip(totals, encs)), timed[-1][0], memory[mode])
+        for _, model in models.values():
+            del model.encode
+    out = []
+    for timed_runs, mem in zip(runs, memory):
+        totals, encs = [t for _, t, _ in timed_runs], [e for _, _, e in timed_runs]
+        out.append((statistics.median(totals), statistics.median(encs),
+                    statistics.median(t - e for t, e in zip(totals, encs)), timed_runs[-1][0], mem))
     return out
 
 
@@ -272,19 +277,29 @@ def _synthetic_batch(cfg, batch, seed=0):
     return images, tokens
 
 
-def _training_samples_per_s(runner, cfg, batch, steps):
-    model = runner.backend.build(cfg, seed=0)
-    trainer = runner.backend.Trainer(model, TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2),
-                                     runner.backend.device)
+def _training_samples_per_s(runners, cfg, batch, steps, rounds=3):
+    """Samples/s of each framework's training step. The frameworks take turns, `rounds` rounds of
+    steps // rounds steps each, and each keeps its median round: side by side, like the generation rows."""
+    rounds = min(rounds, steps)
+    per_round = steps // rounds
     images, tokens = _synthetic_batch(cfg, batch)
-    for _ in range(2):  # warm-up (MLX compiles its step on the first call)
-        loss, _ = trainer.step(images, tokens)
-        float(loss)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss, _ = trainer.step(images, tokens)
-    float(loss)  # waits for the last step
-    return steps * batch / (time.perf_counter() - start)
+    trainers = []
+    for runner in runners:
+        model = runner.backend.build(cfg, seed=0)
+        trainer = runner.backend.Trainer(model, TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2),
+                                         runner.backend.device)
+        for _ in range(2):  # warm-up (MLX compiles its step on the first call)
+            float(trainer.step(images, tokens)[0])
+        trainers.append(trainer)
+    rates = [[] for _ in runners]
+    for _ in range(rounds):
+        for trainer, rate in zip(trainers, rates):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                loss, _ = trainer.step(images, tokens)
+            float(loss)  # waits for the last step
+            rate.append(per_round * batch / (time.perf_counter() - start))
+    return [statistics.median(rate) for rate in rates]
 
 
 def _model(runner, cfg, attention, ckpt, dtype):
@@ -342,46 +357,53 @@ def run(args):
     images = np.random.default_rng(0).random((b, cfg.image_size, cfg.image_size), dtype=np.float32)
     result = {"machine": _machine(), "model": source, "config": cfg.to_dict(), "batch_size": b, "dtype": args.dtype,
               "lengths": lengths, "repeats": args.repeats, "frameworks": {}, "rows": []}
+    # The matmul rate of each framework is sampled before and between the lengths and its median kept: the
+    # encoder's share of it then compares two medians over the same stretch of time.
+    matmul, enc_ms = {}, {}
     for runner in runners:
-        fw = runner.name
-        info = result["frameworks"][fw] = {"device": str(runner.backend.device), **_versions(runner)}
-        # The matmul rate is sampled between the generation rows and its median kept: the encoder's share of
-        # it then compares two medians over the same stretch of time.
-        matmul = [runner.matmul_gflops(max(args.repeats, 3))]
-        _progress(f"{fw} on {info['device']}: fp32 matmul {matmul[0]:.1f} GFLOP/s")
-        info["encoder"] = {}
-        for attention in ATTENTIONS:
-            model, weights = _model(runner, cfg, attention, args.checkpoint, args.dtype)
-            x = runner.backend.array(images)
-            enc_ms = []
-            for length in lengths:  # one warm-up per mode (at the first length) readies every kernel
-                rows = _generation_rows(runner, model, x, length, MODES[attention], args.repeats,
-                                        warm_up=length == lengths[0])
-                for mode, (total, enc, decode, dc, memory) in rows.items():
-                    enc_ms.append(1e3 * enc)
-                    result["rows"].append({
-                        "framework": fw, "cache": mode, "attention": attention, "weights": weights,
-                        "length": length, "samples_per_s": b / total, "tokens_per_s": b * (length - 1) / total,
-                        "encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * decode / (length - 1),
-                        "cache_bytes": dc.nbytes if dc is not None else None,
-                        "self_cache_bytes": dc.self_nbytes if dc is not None else None,
-                        "cross_cache_bytes": dc.cross_nbytes if dc is not None else None,
-                        **memory})
-                    _progress(f"{fw} {mode} {attention} length {length}: {b / total:.2f} samples/s")
-                matmul.append(runner.matmul_gflops(3))
+        info = result["frameworks"][runner.name] = {"device": str(runner.backend.device), **_versions(runner),
+                                                    "encoder": {}}
+        matmul[runner.name] = [runner.matmul_gflops(max(args.repeats, 3))]
+        _progress(f"{runner.name} on {info['device']}: fp32 matmul {matmul[runner.name][0]:.1f} GFLOP/s")
+    for attention in ATTENTIONS:
+        built = [(runner, *_model(runner, cfg, attention, args.checkpoint, args.dtype)) for runner in runners]
+        players = [(runner, model, runner.backend.array(images), mode)
+                   for runner, model, _ in built for mode in MODES[attention]]
+        weights_of = {runner.name: weights for runner, _, weights in built}
+        for length in lengths:  # one warm-up per player (at the first length) readies every kernel
+            rows = _generation_rows(players, length, args.repeats, warm_up=length == lengths[0])
+            for (runner, _, _, mode), (total, enc, decode, dc, memory) in zip(players, rows):
+                fw = runner.name
+                enc_ms.setdefault((fw, attention), []).append(1e3 * enc)
+                result["rows"].append({
+                    "framework": fw, "cache": mode, "attention": attention, "weights": weights_of[fw],
+                    "length": length, "samples_per_s": b / total, "tokens_per_s": b * (length - 1) / total,
+                    "encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * decode / (length - 1),
+                    "cache_bytes": dc.nbytes if dc is not None else None,
+                    "self_cache_bytes": dc.self_nbytes if dc is not None else None,
+                    "cross_cache_bytes": dc.cross_nbytes if dc is not None else None,
+                    **memory})
+                _progress(f"{fw} {mode} {attention} length {length}: {b / total:.2f} samples/s")
+            for runner in runners:
+                matmul[runner.name].append(runner.matmul_gflops(3))
+        flops = encoder_flops(cfg.replace(attention=attention)) * b
+        for runner, model, _ in built:
+            info, ms = result["frameworks"][runner.name], statistics.median(enc_ms[(runner.name, attention)])
             if attention == "mla":
                 info["cross_attention_us"] = _cross_attention_us(runner, model, b)
-            flops = encoder_flops(cfg.replace(attention=attention)) * b
-            info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": statistics.median(enc_ms),
-                                          "gflops": flops / (statistics.median(enc_ms) / 1e3) / 1e9}
-        info["matmul_gflops"], info["matmul_gflops_samples"] = statistics.median(matmul), matmul
+            info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": ms,
+                                          "gflops": flops / (ms / 1e3) / 1e9}
+    for runner in runners:
+        info = result["frameworks"][runner.name]
+        info["matmul_gflops"], info["matmul_gflops_samples"] = statistics.median(matmul[runner.name]), matmul[runner.name]
         for e in info["encoder"].values():
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
-        if args.train_steps:
-            tb = args.train_batch_size or b
-            info["train_samples_per_s"] = _training_samples_per_s(runner, cfg, tb, args.train_steps)
-            info["train_steps"], info["train_batch_size"] = args.train_steps, tb
-            _progress(f"{fw} training: {info['train_samples_per_s']:.2f} samples/s")
+    if args.train_steps:
+        tb = args.train_batch_size or b
+        for runner, rate in zip(runners, _training_samples_per_s(runners, cfg, tb, args.train_steps)):
+            info = result["frameworks"][runner.name]
+            info["train_samples_per_s"], info["train_steps"], info["train_batch_size"] = rate, args.train_steps, tb
+            _progress(f"{runner.name} training: {rate:.2f} samples/s")
     if args.checkpoint is not None:
         weights = checkpoint.load(args.checkpoint)[1]
     else:

@@ -55,8 +55,8 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
 
 
-def test_generation_rows_interleave_the_modes_repeat_by_repeat():
-    """A slow spell of a shared machine must fall on every mode alike: runs go A B C, A B C, ..."""
+def test_generation_rows_interleave_modes_and_frameworks_repeat_by_repeat():
+    """A slow spell of a shared machine must fall on every mode and framework alike: A B C, A B C, ..."""
     from mla_mnist import bench
 
     calls = []
@@ -65,12 +65,15 @@ def test_generation_rows_interleave_the_modes_repeat_by_repeat():
         nbytes = self_nbytes = cross_nbytes = 1
 
     class Runner:
+        def __init__(self, name):
+            self.name = name
+
         def sync(self, *arrays):
             pass
 
         def generate(self, model, images, cache, absorb, **kw):
             model.encode(images)
-            calls.append("uncached" if not cache else "cached" if absorb else "expanded")
+            calls.append((self.name, "uncached" if not cache else "cached" if absorb else "expanded"))
             return images, Cache()
 
         def peak_memory(self, fn):
@@ -80,10 +83,13 @@ def test_generation_rows_interleave_the_modes_repeat_by_repeat():
         def encode(self, x):
             return x
 
-    modes = ("cached", "expanded", "uncached")
-    rows = bench._generation_rows(Runner(), Model(), [0], 5, modes, repeats=3, warm_up=True)
-    assert calls == list(modes) * 4  # one warm-up round, then three timed rounds
-    assert set(rows) == set(modes) and all(len(row) == 5 for row in rows.values())
+    players = [(runner, model, [0], mode) for runner, model in ((Runner("a"), Model()), (Runner("b"), Model()))
+               for mode in ("cached", "expanded", "uncached")]
+    rows = bench._generation_rows(players, 5, repeats=3, warm_up=True)
+    order = [(runner.name, mode) for runner, _, _, mode in players]
+    assert calls == order * 4  # one warm-up round, then three timed rounds
+    assert len(rows) == len(players) and all(len(row) == 5 for row in rows)
+    assert all("encode" not in vars(model) for _, model, _, _ in players)  # the timing hook is removed
 
 
 @pytest.mark.parametrize("argv,message", [
