@@ -122,18 +122,17 @@ class Runner:
         return _rss_peak(fn)
 
 
-def _rss_kib():
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) for k in ("VmHWM", "VmRSS")}
+def _rss_hwm_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def _rss_peak(fn):
     """Torch on a CPU has no allocation counter: the process's peak resident memory during fn, and its growth."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the high-water mark to the current RSS
-        before = _rss_kib()["VmHWM"]  # the reset mark itself: the high-water mark only grows from here
+        before = _rss_hwm_kib()  # the reset mark itself: the high-water mark only grows from here
         out = fn()
-        peak = _rss_kib()["VmHWM"]
+        peak = _rss_hwm_kib()
         method = "process peak RSS (VmHWM, reset before the run; interpreter and libraries included)"
     except OSError:  # no /proc: the all-time peak, which a run below it does not move
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -417,7 +416,8 @@ def run(args):
     result["machine"]["load_average_after"] = _load()
     print(format_report(result))
     if args.json is not None:
-        _write(args.json, json.dumps(result, indent=1))
+        text = json.dumps(result, indent=1)
+        _write(args.json, lambda f: f.write(text.encode()))
         print(f"wrote {args.json}")
     if args.plot is not None:
         plot(result, args.plot)
@@ -428,12 +428,15 @@ def _progress(line):
     print(line, file=sys.stderr, flush=True)  # stdout stays the report
 
 
-def _write(path: Path, text: str):
+def _write(path: Path, write_fn):
+    """write_fn(f) into `path` atomically (a rerun never leaves a half-written JSON or plot behind)."""
+    from mnist_grid.images import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
+    atomic_write(path, write_fn)
 
 
 def _speedups(rows):
@@ -563,9 +566,6 @@ def plot(result, path: Path):
     mem.legend(fontsize=7)
     fig.tight_layout()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+        _write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
         plt.close(fig)

@@ -3,7 +3,6 @@ stage may hold several runs side by side under "runs")."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 
@@ -42,11 +41,13 @@ def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    from mnist_grid.images import atomic_write
+
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return out
 
 
