@@ -6,9 +6,15 @@ import json
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
+from .presets import PRESETS
 
 CELL = 28  # MNIST digits are 28x28; a grid image is grid*CELL pixels square
 VOCAB = 13  # digits 0-9, start=10, finish=11, pad=12
+
+
+def max_tokens(grid: int) -> int:
+    """Longest target for a grid: <start>, every cell filled, <finish>."""
+    return grid * grid + 2
 
 
 @dataclass
@@ -22,7 +28,8 @@ class ModelConfig:
     mlp_ratio: int = 4
     dropout: float = 0.1
     final_norm: bool = True
-    attention: str = "mla"  # "mla" | "mha" (standard multi-head baseline)
+    attention: str = "mla"  # a name of convert.schema.ATTENTION: "mla", "mha" (baseline), "gqa" (grouped-query)
+    kv_heads: int | None = None  # gqa only: K/V heads shared by groups of query heads (default heads // 4)
     rope_base: float = 10000.0
     # Derived from d_model / heads when left as None (the original design's rules).
     head_dim: int | None = None
@@ -52,6 +59,8 @@ class ModelConfig:
             self.dec_q_rank = max(d // 2, 64)
         if self.cross_kv_rank is None:
             self.cross_kv_rank = max(d // 4, 32)
+        if self.kv_heads is None and self.attention == "gqa" and isinstance(self.heads, int) and self.heads > 0:
+            self.kv_heads = max(1, self.heads // 4)
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -69,7 +78,7 @@ class ModelConfig:
 
     @property
     def max_tokens(self) -> int:
-        return self.grid * self.grid + 2  # <start> up to grid^2 digits <finish>
+        return max_tokens(self.grid)
 
     @property
     def nope_dim(self) -> int:
@@ -83,8 +92,16 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{name} must be a positive integer, got {v!r}")
-        if self.attention not in ("mla", "mha"):
-            bad(f"attention must be 'mla' or 'mha', got {self.attention!r}")
+        from .schema import ATTENTION  # the variants declare themselves there
+
+        if self.attention not in ATTENTION:
+            bad(f"attention must be one of {', '.join(map(repr, ATTENTION))}, got {self.attention!r}")
+        if self.attention == "gqa":
+            if not isinstance(self.kv_heads, int) or isinstance(self.kv_heads, bool) or self.kv_heads <= 0 \
+                    or self.heads % self.kv_heads:
+                bad(f"kv_heads must be a positive integer dividing heads ({self.heads}), got {self.kv_heads!r}")
+        elif self.kv_heads is not None:
+            bad(f"kv_heads is a gqa setting; attention {self.attention!r} takes none, got {self.kv_heads!r}")
         if self.image_size % self.patch:
             bad(f"patch {self.patch} does not divide the image size {self.image_size} (grid {self.grid} x 28)")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -100,15 +117,19 @@ class ModelConfig:
         if self.vocab != VOCAB:
             bad(f"vocab must be {VOCAB}, got {self.vocab}")
         q = self.quantization
-        if q is not None and (q.get("bits") not in (4, 8) or q.get("group_size") not in (32, 64, 128)):
-            bad(f"quantization must have bits 4|8 and group_size 32|64|128, got {q}")
+        from .quantize import BITS, GROUP_SIZES
+
+        if q is not None and (not isinstance(q, dict) or q.get("bits") not in BITS
+                              or q.get("group_size") not in GROUP_SIZES):
+            bad(f"quantization must have bits {'|'.join(map(str, BITS))} and group_size "
+                f"{'|'.join(map(str, GROUP_SIZES))}, got {q}")
 
     # ---- presets and JSON ----------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name].model, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,17 +161,6 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
-
-PRESETS: dict[str, dict] = {
-    # For tests: a 56x56 image of 2x2 cells, 16 patches, a few thousand parameters per layer.
-    "tiny": dict(grid=2, patch=14, d_model=32, enc_layers=2, dec_layers=2, heads=4, dropout=0.0,
-                 enc_kv_rank=16, enc_q_rank=24, dec_kv_rank=12, dec_q_rank=16, cross_kv_rank=8),
-    # What users train: 4x4 grids (112 px), 7-px patches (16 per digit).
-    "small": dict(grid=4, patch=7, d_model=128, enc_layers=6, dec_layers=3, heads=8, dropout=0.0),
-    # The original benchmark model: 280 px grids, up to 100 digits.
-    "seed": dict(grid=10, patch=14, d_model=128, enc_layers=16, dec_layers=16, heads=16, dropout=0.1,
-                 final_norm=False),
-}
 
 # The model normalises its own input so a checkpoint is self-contained.
 MNIST_MEAN = 0.1307

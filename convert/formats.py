@@ -18,7 +18,7 @@ from . import checkpoint, original, safetensors_np
 from .checkpoint import FLOAT_DTYPES
 from .config import ModelConfig
 from .errors import UserError
-from .quantize import quantizable
+from .quantize import GROUP_SIZES, quantizable
 from .schema import parameter_count
 
 FILE_KINDS = {".pt": "torch", ".pth": "torch", ".npz": "npz", ".safetensors": "safetensors"}
@@ -229,8 +229,8 @@ def _mlx():
 def _check_quantize(src: Path, dst: Path, bits: int, group_size: int):
     if bits not in (4, 8):
         raise UserError(f"--quantize {bits} is not supported: choose 8 or 4 (bits per weight)")
-    if group_size not in (32, 64):
-        raise UserError(f"--group-size {group_size} is not supported: choose 32 or 64")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"group size {group_size} is not supported: choose {', '.join(map(str, GROUP_SIZES))}")
     if dst.suffix.lower() in FILE_KINDS:
         raise UserError(f"--quantize writes a checkpoint directory (its config records bits and group size), not "
                         f"a {dst.suffix} file: give a directory name as DST")

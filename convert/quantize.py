@@ -11,6 +11,8 @@ import numpy as np
 # Kept in full precision: the embedding, the 13-way output, and kv_b_proj, which absorbed decoding splits
 # per head into the matrices it folds into the query and the output.
 SKIP = ("token_embed.weight", "head.weight", "kv_b_proj.weight")
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)  # weights per scale/bias: every group size MLX's quantized matmul takes
 
 
 def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:

@@ -4,6 +4,9 @@ The same names appear in torch `state_dict()`, MLX `tree_flatten(model.parameter
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from .config import ModelConfig
 from .errors import UserError
 
@@ -19,11 +22,8 @@ def _norm(prefix, n):
     return {f"{prefix}.weight": (n,), f"{prefix}.bias": (n,)}
 
 
-def self_attention_schema(prefix: str, cfg: ModelConfig, q_rank: int, kv_rank: int) -> dict:
+def _mla_self(prefix: str, cfg: ModelConfig, q_rank: int, kv_rank: int) -> dict:
     d, h, hd, r = cfg.d_model, cfg.heads, cfg.head_dim, cfg.rope_dim
-    if cfg.attention == "mha":
-        return {**_linear(f"{prefix}.q_proj", d, d), **_linear(f"{prefix}.k_proj", d, d),
-                **_linear(f"{prefix}.v_proj", d, d), **_linear(f"{prefix}.o_proj", d, d)}
     return {
         **_linear(f"{prefix}.q_a_proj", d, q_rank),
         **_norm(f"{prefix}.q_a_norm", q_rank),
@@ -35,11 +35,8 @@ def self_attention_schema(prefix: str, cfg: ModelConfig, q_rank: int, kv_rank: i
     }
 
 
-def cross_attention_schema(prefix: str, cfg: ModelConfig) -> dict:
+def _mla_cross(prefix: str, cfg: ModelConfig) -> dict:
     d, h, hd, r = cfg.d_model, cfg.heads, cfg.head_dim, cfg.cross_kv_rank
-    if cfg.attention == "mha":
-        return {**_linear(f"{prefix}.q_proj", d, d), **_linear(f"{prefix}.k_proj", d, d),
-                **_linear(f"{prefix}.v_proj", d, d), **_linear(f"{prefix}.o_proj", d, d)}
     return {
         **_linear(f"{prefix}.q_proj", d, h * hd),
         **_linear(f"{prefix}.kv_a_proj", d, r),
@@ -47,6 +44,38 @@ def cross_attention_schema(prefix: str, cfg: ModelConfig) -> dict:
         **_linear(f"{prefix}.kv_b_proj", r, h * 2 * hd),  # per head [k | v]
         **_linear(f"{prefix}.o_proj", h * hd, d),
     }
+
+
+def _grouped(prefix: str, cfg: ModelConfig, kv_heads: int) -> dict:
+    """Full-rank Q/O and K/V for `kv_heads` heads: MHA when kv_heads == heads, GQA when fewer."""
+    d, kv = cfg.d_model, kv_heads * cfg.head_dim
+    return {**_linear(f"{prefix}.q_proj", d, d), **_linear(f"{prefix}.k_proj", d, kv),
+            **_linear(f"{prefix}.v_proj", d, kv), **_linear(f"{prefix}.o_proj", d, d)}
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention variant's parameters: its self-attention (prefix, cfg, q_rank, kv_rank) and cross-attention
+    (prefix, cfg) schemas. Each framework's attention.py maps the same names to its modules."""
+    self_attention: Callable[..., dict]
+    cross_attention: Callable[..., dict]
+
+
+ATTENTION: dict[str, Attention] = {
+    "mla": Attention(_mla_self, _mla_cross),
+    "mha": Attention(lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.heads),
+                     lambda prefix, cfg: _grouped(prefix, cfg, cfg.heads)),
+    "gqa": Attention(lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.kv_heads),
+                     lambda prefix, cfg: _grouped(prefix, cfg, cfg.kv_heads)),
+}
+
+
+def self_attention_schema(prefix: str, cfg: ModelConfig, q_rank: int, kv_rank: int) -> dict:
+    return ATTENTION[cfg.attention].self_attention(prefix, cfg, q_rank, kv_rank)
+
+
+def cross_attention_schema(prefix: str, cfg: ModelConfig) -> dict:
+    return ATTENTION[cfg.attention].cross_attention(prefix, cfg)
 
 
 def _mlp(prefix, cfg):
@@ -85,14 +114,16 @@ def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def numel(shape) -> int:
+    """Elements of a shape, in Python integers (no int64 wrap-around)."""
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
 def parameter_count(cfg: ModelConfig) -> int:
-    total = 0
-    for shape in schema(cfg.replace(quantization=None)).values():
-        n = 1
-        for x in shape:
-            n *= x
-        total += n
-    return total
+    return sum(numel(shape) for shape in schema(cfg.replace(quantization=None)).values())
 
 
 def check(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], what: str = "weights") -> None:

@@ -7,6 +7,14 @@ from dataclasses import dataclass, asdict
 from .errors import UserError
 
 
+class ConfigError(UserError):
+    """A bad TrainConfig field; `field` names it, so a CLI can say which flag set it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
@@ -22,12 +30,11 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError("lr", f"the learning rate must be > 0, got {self.lr}")
         if self.total_steps <= 0:
-            raise UserError(f"training needs at least one step, got {self.total_steps}: raise --epochs or "
-                            "--train-samples, or lower --batch-size")
+            raise ConfigError("total_steps", f"training needs at least one step, got {self.total_steps}")
         if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError("label_smoothing", f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to lr, then cosine decay to lr*min_lr_ratio at total_steps (held after)."""

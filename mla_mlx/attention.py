@@ -1,16 +1,23 @@
-"""Multi-head latent attention (DeepSeek-V2 style) and the standard multi-head baseline.
+"""Multi-head latent attention (DeepSeek-V2 style) and the full-rank baselines (MHA, grouped-query GQA).
 
-Self-attention keeps two forms of the same function:
+MLA self-attention keeps two forms of the same function:
 - expanded (`__call__`): kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training,
-  prefill, and decoding when the expanded form is forced);
+  prefill, and decoding when the expanded form is asked for);
 - absorbed (`step`): the k half of kv_b_proj is folded into the query and the v half into the output, so
   attention runs directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever
-  expanded).
+  expanded). The folded matrices are derived once, when a decoding cache is made (`new_cache`).
+
+A variant is a pair of modules in VARIANTS, its parameters in convert.schema.ATTENTION, its cache from its
+self-attention's `new_cache`; `absorbed` says whether it has the one-token latent step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from .cache import KVCache, LatentCache, QuantizedLatentCache
 
 
 def rope(x: mx.array, offset: int, base: float) -> mx.array:
@@ -26,7 +33,7 @@ def causal_mask(t: int, length: int) -> mx.array | None:
 
 
 def attend(q, k, v, scale, causal=False):
-    """Fused attention over per-head q, k, v [B, H, T, D]."""
+    """Fused attention over per-head q [B, H, T, D] and k, v [B, H_kv, L, D] (H_kv divides H)."""
     t = q.shape[-2]
     if causal and t > 1:
         if t == k.shape[-2]:
@@ -54,26 +61,29 @@ def dense_weight(layer) -> mx.array:
     return layer.weight
 
 
-def absorbed_weights(module, q_layer, k_dim: int):
-    """(w_q [in, H*(r + pe)], w_o [H*r, d]): the absorbed projections, derived once per weight version and
-    stored input-major (x @ w).
+@dataclass
+class Absorbed:
+    """The absorbed projections of one attention module, input-major (x @ w). w_q [in, H*(r + pe)] maps the input
+    to latent-space queries (the softmax scale folded in); w_o [H*r, d] maps the attended latents to the output."""
+    w_q: mx.array
+    w_o: mx.array
+
+
+def absorb(module, q_layer, k_dim: int) -> Absorbed:
+    """Fold kv_b_proj into the query and output projections.
 
     q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
-    remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
-    o_proj. Computed in float32 and cast back; optimiser steps and loads replace the arrays and re-derive.
+    remaining (rotary) rows kept. o: the v half (w_uv [hd, r]) folded into o_proj. Computed in float32 and cast
+    back to the weights' dtype.
     """
-    sources = (q_layer.weight, module.kv_b_proj.weight, module.o_proj.weight)
-    if module._absorbed is None or any(a is not b for a, b in zip(module._absorbed[0], sources)):
-        h, dtype = module.heads, module.kv_b_proj.weight.dtype
-        wq, wkv, wo = (dense_weight(m).astype(mx.float32) for m in (q_layer, module.kv_b_proj, module.o_proj))
-        wkv = wkv.reshape(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
-        wq = wq.reshape(h, -1, wq.shape[1])  # [H, hd, in]
-        q_lat = mx.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
-        w_q = mx.concatenate([q_lat, wq[:, k_dim:]], axis=1).reshape(-1, wq.shape[2]) * module.scale
-        w_o = mx.einsum("dhv,hvr->dhr", wo.reshape(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
-        # object.__setattr__: a tuple set through Module.__setattr__ would join the module's state tree.
-        object.__setattr__(module, "_absorbed", (sources, w_q.T.astype(dtype), w_o.T.astype(dtype)))
-    return module._absorbed[1:]
+    h, dtype = module.heads, module.kv_b_proj.weight.dtype
+    wq, wkv, wo = (dense_weight(m).astype(mx.float32) for m in (q_layer, module.kv_b_proj, module.o_proj))
+    wkv = wkv.reshape(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
+    wq = wq.reshape(h, -1, wq.shape[1])  # [H, hd, in]
+    q_lat = mx.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
+    w_q = mx.concatenate([q_lat, wq[:, k_dim:]], axis=1).reshape(-1, wq.shape[2]) * module.scale
+    w_o = mx.einsum("dhv,hvr->dhr", wo.reshape(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
+    return Absorbed(w_q.T.astype(dtype), w_o.T.astype(dtype))
 
 
 def split_heads(x, heads):
@@ -86,7 +96,31 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
+@dataclass
+class LatentMemory:
+    """Cross-attention memory in latent form: the encoder latent c [B, N, r] and the absorbed projections."""
+    c: mx.array
+    absorbed: Absorbed
+
+    @property
+    def nbytes(self) -> int:
+        return self.c.nbytes
+
+
+@dataclass
+class KVMemory:
+    """Cross-attention memory as per-head K/V [B, H_kv, N, hd], computed once per image."""
+    k: mx.array
+    v: mx.array
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
 class MLASelfAttention(nn.Module):
+    absorbed = True  # has the one-token latent-space step
+
     def __init__(self, cfg, q_rank: int, kv_rank: int):
         super().__init__()
         self.heads, self.head_dim, self.rope_dim, self.kv_rank = cfg.heads, cfg.head_dim, cfg.rope_dim, kv_rank
@@ -100,7 +134,13 @@ class MLASelfAttention(nn.Module):
         self.kv_a_norm = nn.LayerNorm(kv_rank)
         self.kv_b_proj = nn.Linear(kv_rank, h * (self.nope_dim + cfg.head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
-        self._absorbed = None
+
+    def new_cache(self, batch, max_length, absorbed: bool, quantized: bool = False):
+        """The latent cache (c | k_pe per position); for the absorbed step it carries the folded projections."""
+        kind = QuantizedLatentCache if quantized else LatentCache
+        cache = kind(batch, max_length, self.kv_rank, self.rope_dim, self.kv_b_proj.weight.dtype)
+        cache.absorbed = absorb(self, self.q_b_proj, self.nope_dim) if absorbed else None
+        return cache
 
     def __call__(self, x, offset: int = 0, cache=None, causal: bool = False):
         """The expanded form: x [B, T, d] -> [B, T, d]; with a cache, x continues the cached prefix."""
@@ -122,15 +162,14 @@ class MLASelfAttention(nn.Module):
     def step(self, x, cache):
         """The absorbed form for one new position: x [B, 1, d] -> [B, 1, d]. Only the new position's latent c and
         k_pe are computed; the query moves into latent space and attends over the cache as it is stored."""
-        r, b, offset = self.kv_rank, x.shape[0], cache.length
-        w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
+        r, b, offset, w = self.kv_rank, x.shape[0], cache.length, cache.absorbed
         q_a = self.q_a_norm(self.q_a_proj(x))
         c, k_pe = mx.split(self.kv_a_proj(x), [r], axis=-1)
         keys = cache.update(self.kv_a_norm(c), rope(k_pe, offset, self.base))  # [B, L, r + rope]
-        q = (q_a @ w_q).reshape(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q = (q_a @ w.w_q).reshape(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
         q = mx.concatenate([q[..., :r], rope(q[..., r:], offset, self.base)], axis=-1)
         out = latent_attention(q.reshape(b, 1, self.heads, -1), keys, keys[..., :r], self.heads)  # [B, 1, H*r]
-        return out @ w_o
+        return out @ w.w_o
 
 
 class MLACrossAttention(nn.Module):
@@ -144,38 +183,44 @@ class MLACrossAttention(nn.Module):
         self.kv_a_norm = nn.LayerNorm(self.kv_rank)
         self.kv_b_proj = nn.Linear(self.kv_rank, h * 2 * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
-        self._absorbed = None
 
-    def memory(self, enc, absorb: bool = False) -> dict:
+    def memory(self, enc, absorbed: bool = False) -> LatentMemory | KVMemory:
         """What every decoding step reuses: the encoder latent c, or K/V expanded from it once."""
         c = self.kv_a_norm(self.kv_a_proj(enc))
-        if absorb:
-            return {"c": c}
+        if absorbed:
+            return LatentMemory(c, absorb(self, self.q_proj, self.head_dim))
         k, v = mx.split(split_heads(self.kv_b_proj(c), self.heads), [self.head_dim], axis=-1)
-        return {"k": k, "v": v}
+        return KVMemory(k, v)
 
-    def __call__(self, x, memory: dict):
-        if "c" in memory:
-            w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
+    def __call__(self, x, memory: LatentMemory | KVMemory):
+        if isinstance(memory, LatentMemory):
             b, t, _ = x.shape
-            q = (x @ w_q).reshape(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
-            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o
+            q = (x @ memory.absorbed.w_q).reshape(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return latent_attention(q, memory.c, memory.c, self.heads) @ memory.absorbed.w_o
         q = split_heads(self.q_proj(x), self.heads)
-        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
+        return self.o_proj(merge_heads(attend(q, memory.k, memory.v, self.scale)))
 
 
-class MHASelfAttention(nn.Module):
-    """The baseline MLA replaces: full-rank Q/K/V, RoPE on the last rope_dim of every head, K/V cache."""
+class GroupedSelfAttention(nn.Module):
+    """Full-rank attention with K/V heads shared by groups of query heads: MHA (kv_heads == heads, the baseline
+    MLA replaces) or GQA (fewer); RoPE on the last rope_dim of every head; a K/V cache of kv_heads heads."""
+    absorbed = False
 
-    def __init__(self, cfg, q_rank=None, kv_rank=None):
+    def __init__(self, cfg, kv_heads: int):
         super().__init__()
-        self.heads, self.head_dim, self.rope_dim, self.base = cfg.heads, cfg.head_dim, cfg.rope_dim, cfg.rope_base
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, kv_heads, cfg.head_dim
+        self.rope_dim, self.base = cfg.rope_dim, cfg.rope_base
         self.nope_dim, self.scale = cfg.head_dim - cfg.rope_dim, cfg.head_dim ** -0.5
-        d = cfg.d_model
+        d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+
+    def new_cache(self, batch, max_length, absorbed: bool, quantized: bool = False):
+        if absorbed or quantized:
+            raise ValueError("only MLA has an absorbed step and an int8 latent cache")
+        return KVCache(batch, max_length, self.kv_heads, self.head_dim, self.o_proj.weight.dtype)
 
     def _rope_heads(self, x, offset):
         nope, pe = mx.split(x, [self.nope_dim], axis=-1)
@@ -183,34 +228,46 @@ class MHASelfAttention(nn.Module):
 
     def __call__(self, x, offset: int = 0, cache=None, causal: bool = False):
         q = self._rope_heads(split_heads(self.q_proj(x), self.heads), offset)
-        k = self._rope_heads(split_heads(self.k_proj(x), self.heads), offset)
-        v = split_heads(self.v_proj(x), self.heads)
+        k = self._rope_heads(split_heads(self.k_proj(x), self.kv_heads), offset)
+        v = split_heads(self.v_proj(x), self.kv_heads)
         if cache is not None:
             k, v = cache.update(k, v)
         return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
 
-class MHACrossAttention(nn.Module):
-    def __init__(self, cfg):
+class GroupedCrossAttention(nn.Module):
+    def __init__(self, cfg, kv_heads: int):
         super().__init__()
-        self.heads, self.scale = cfg.heads, cfg.head_dim ** -0.5
-        d = cfg.d_model
+        self.heads, self.kv_heads, self.scale = cfg.heads, kv_heads, cfg.head_dim ** -0.5
+        d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def memory(self, enc, absorb: bool = False) -> dict:
-        return {"k": split_heads(self.k_proj(enc), self.heads), "v": split_heads(self.v_proj(enc), self.heads)}
+    def memory(self, enc, absorbed: bool = False) -> KVMemory:
+        if absorbed:
+            raise ValueError("only MLA has an absorbed (latent) cross-attention memory")
+        return KVMemory(split_heads(self.k_proj(enc), self.kv_heads), split_heads(self.v_proj(enc), self.kv_heads))
 
-    def __call__(self, x, memory: dict):
+    def __call__(self, x, memory: KVMemory):
         q = split_heads(self.q_proj(x), self.heads)
-        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
+        return self.o_proj(merge_heads(attend(q, memory.k, memory.v, self.scale)))
+
+
+# name -> (self-attention(cfg, q_rank, kv_rank), cross-attention(cfg)); parameters in convert.schema.ATTENTION
+VARIANTS = {
+    "mla": (MLASelfAttention, MLACrossAttention),
+    "mha": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.heads),
+            lambda cfg: GroupedCrossAttention(cfg, cfg.heads)),
+    "gqa": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.kv_heads),
+            lambda cfg: GroupedCrossAttention(cfg, cfg.kv_heads)),
+}
 
 
 def self_attention(cfg, q_rank, kv_rank):
-    return (MLASelfAttention if cfg.attention == "mla" else MHASelfAttention)(cfg, q_rank, kv_rank)
+    return VARIANTS[cfg.attention][0](cfg, q_rank, kv_rank)
 
 
 def cross_attention(cfg):
-    return (MLACrossAttention if cfg.attention == "mla" else MHACrossAttention)(cfg)
+    return VARIANTS[cfg.attention][1](cfg)

@@ -16,43 +16,60 @@ def sample(logits, temperature: float, top_k: int | None, key):
     return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
 
 
-def generate(model, images, max_length: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-             seed: int | None = None, cache: bool = True, absorb: bool = True, stop: bool = True,
-             return_cache: bool = False, quantize_cache: bool = False):
+def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
+    """The mode asked for, checked against what the model can do (None: the model's best)."""
+    modes = model.decode_modes
+    mode = modes[0] if mode is None else mode
+    if mode not in modes:
+        raise ValueError(f"decoding mode {mode!r} is not one of this {model.config.attention} model's: "
+                         f"{', '.join(modes)}")
+    if quantize_cache and (mode == "uncached" or "absorbed" not in modes):
+        raise ValueError("the int8 cache is MLA's latent cache: it needs an MLA model and a cached mode")
+    return mode
+
+
+def _next_logits(model, tokens, t, mode, enc, cache):
+    """Logits [B, vocab] for position t, given tokens[:, :t]."""
+    if mode == "uncached":  # the original algorithm: the whole prefix, cross-attention K/V expanded again
+        return model.decode(tokens[:, :t], model.memories(enc))[:, -1]
+    last = tokens[:, t - 1:t]
+    return (model.step(last, cache) if mode == "absorbed" else model.decode(last, cache.memories, cache))[:, -1]
+
+
+def generate(model, images=None, max_length: int | None = None, mode: str | None = None, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, stop: bool = True, return_cache: bool = False,
+             quantize_cache: bool = False, encoded=None):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
-    cache=False is the original algorithm (every step re-runs the whole prefix and re-expands the
-    cross-attention K/V). absorb picks the absorbed (latent-space) or expanded form for cached MLA decoding.
-    stop=False forces every row to run max_length steps (benchmarks). quantize_cache stores the MLA latent
-    as int8 with a per-token scale.
+    mode: "absorbed" (the latent cache, attention in latent space: MLA), "expanded" (a cache, K/V expanded from
+    it: MLA's expanded form, or MHA/GQA's K/V cache) or "uncached" (the original algorithm: every step re-runs
+    the whole prefix); default the first of `model.decode_modes`. stop=False forces every row to run max_length
+    steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
+    output of these images, if already computed (then images may be None).
     """
-    cfg = model.config
-    max_length = cfg.max_tokens if max_length is None else max_length
+    mode = decode_mode(model, mode, quantize_cache)
+    max_length = model.config.max_tokens if max_length is None else max_length
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     was_training = model.training
     model.eval()
-    images = mx.array(images)
-    b = images.shape[0]
+    enc = model.encode(mx.array(images)) if encoded is None else encoded
+    b = enc.shape[0]
     key = mx.random.key(seed) if seed is not None else None  # MLX keys are functional: split one per step
-    absorb = absorb and cfg.attention == "mla"
-    enc = model.encode(images)
     tokens = mx.full((b, max_length), PAD, dtype=mx.int32)
     tokens[:, 0] = START
     finished = mx.zeros((b,), dtype=mx.bool_)
-    dc = model.new_cache(b, max_length, model.memories(enc, absorb), quantize_cache) if cache else None
+    cache = None
+    if mode != "uncached":
+        absorbed = mode == "absorbed"
+        cache = model.new_cache(b, max_length, model.memories(enc, absorbed), absorbed, quantize_cache)
     for t in range(1, max_length):
-        if dc is not None:
-            last = tokens[:, t - 1:t]
-            logits = (model.step(last, dc) if absorb else model.decode(last, dc.memories, dc))[:, -1]
-        else:
-            logits = model.decode(tokens[:, :t], model.memories(enc))[:, -1]
         step_key = None
         if key is not None:
             key, step_key = mx.random.split(key)
-        nxt = sample(logits, temperature, top_k, step_key)
+        nxt = sample(_next_logits(model, tokens, t, mode, enc, cache), temperature, top_k, step_key)
         nxt = mx.where(finished, PAD, nxt)
         tokens[:, t] = nxt
         finished = finished | (nxt == FINISH)
@@ -60,21 +77,21 @@ def generate(model, images, max_length: int | None = None, temperature: float = 
             break
         mx.async_eval(tokens)  # keep the lazy graph one step long without waiting on it
     model.train(was_training)
-    return (tokens, dc) if return_cache else tokens
+    return (tokens, cache) if return_cache else tokens
 
 
-def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
-    """Teacher-forced per-step logits [B, T, vocab] through the decoding path (for cache tests)."""
+def step_logits(model, images, tokens, mode: str | None = None):
+    """Teacher-forced per-step logits [B, T, vocab] through the decoding path of `mode` (for cache tests)."""
+    mode = decode_mode(model, mode)
     model.eval()
     images, tokens = mx.array(images), mx.array(tokens)
     enc = model.encode(images)
-    if not cache:
-        return mx.stack([model.decode(tokens[:, : t + 1], model.memories(enc))[:, -1]
-                         for t in range(tokens.shape[1])], axis=1)
-    absorb = absorb and model.config.attention == "mla"
-    dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
-    steps = (tokens[:, t:t + 1] for t in range(tokens.shape[1]))
-    return mx.concatenate([model.step(s, dc) if absorb else model.decode(s, dc.memories, dc) for s in steps], axis=1)
+    cache = None
+    if mode != "uncached":
+        absorbed = mode == "absorbed"
+        cache = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorbed), absorbed)
+    padded = mx.concatenate([tokens, tokens[:, -1:]], axis=1)  # position t reads tokens[:, :t + 1]
+    return mx.stack([_next_logits(model, padded, t + 1, mode, enc, cache) for t in range(tokens.shape[1])], axis=1)
 
 
 def cross_attention_weights(model, images, tokens):
@@ -95,9 +112,11 @@ def cross_attention_weights(model, images, tokens):
         memory = layer.cross_attn.memory(enc)
         x = x + layer.self_attn(layer.norm1(x), 0, None, causal=True)
         h = layer.norm2(x)
-        q = split_heads(layer.cross_attn.q_proj(h), layer.cross_attn.heads)
-        scores = (q @ memory["k"].swapaxes(-1, -2)) * layer.cross_attn.scale
+        attn = layer.cross_attn
+        q = split_heads(attn.q_proj(h), attn.heads)
+        k = mx.repeat(memory.k, attn.heads // memory.k.shape[1], axis=1)  # GQA: each group's shared keys
+        scores = (q @ k.swapaxes(-1, -2)) * attn.scale
         weights.append(mx.softmax(scores.astype(mx.float32), axis=-1))
-        x = x + layer.cross_attn(h, memory)
+        x = x + attn(h, memory)
         x = x + layer.mlp(layer.norm3(x))
     return mx.stack(weights, axis=1)

@@ -7,7 +7,7 @@ import mlx.nn as nn
 from convert.config import MNIST_MEAN, MNIST_STD, ModelConfig
 
 from .attention import cross_attention, self_attention
-from .cache import new_cache
+from .cache import DecoderCache
 
 
 def patchify(images: mx.array, p: int) -> mx.array:
@@ -58,7 +58,7 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.mlp(self.norm3(x)))
 
     def step(self, x, memory, cache):
-        """One new position in the absorbed form (MLA, inference): x [B, 1, d] -> [B, 1, d]."""
+        """One new position in the absorbed form (inference): x [B, 1, d] -> [B, 1, d]."""
         x = x + self.self_attn.step(self.norm1(x), cache)
         x = x + self.cross_attn(self.norm2(x), memory)
         return x + self.mlp(self.norm3(x))
@@ -88,9 +88,15 @@ class EncoderDecoder(nn.Module):
             x = layer(x)
         return self.encoder_norm(x) if self.encoder_norm is not None else x
 
-    def memories(self, enc: mx.array, absorb: bool = False) -> list[dict]:
+    @property
+    def decode_modes(self) -> tuple[str, ...]:
+        """What `generate(mode=...)` can do with this model; the first is the default."""
+        absorbed = all(layer.self_attn.absorbed for layer in self.decoder)
+        return ("absorbed", "expanded", "uncached") if absorbed else ("expanded", "uncached")
+
+    def memories(self, enc: mx.array, absorbed: bool = False) -> list:
         """Cross-attention memory of every decoder layer, computed once per image."""
-        return [layer.cross_attn.memory(enc, absorb) for layer in self.decoder]
+        return [layer.cross_attn.memory(enc, absorbed) for layer in self.decoder]
 
     def decode(self, tokens, memories, cache=None):
         """tokens [B, T] -> logits [B, T, vocab] (expanded form); with a cache, tokens continue the cached prefix."""
@@ -103,8 +109,8 @@ class EncoderDecoder(nn.Module):
         return self.head(x)
 
     def step(self, tokens, cache):
-        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form (MLA); the
-        cache holds the latent memories (`memories(enc, absorb=True)`)."""
+        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form; the cache is
+        `new_cache(..., absorbed=True)`, with the latent memories (`memories(enc, absorbed=True)`)."""
         x = self.token_embed(tokens)
         for layer, memory, layer_cache in zip(self.decoder, cache.memories, cache.layers):
             x = layer.step(x, memory, layer_cache)
@@ -115,5 +121,8 @@ class EncoderDecoder(nn.Module):
     def __call__(self, images, tokens):
         return self.decode(tokens, self.memories(self.encode(images)))
 
-    def new_cache(self, batch, max_length, memories, quantized: bool = False):
-        return new_cache(self.config, batch, max_length, memories, self.head.weight.dtype, quantized)
+    def new_cache(self, batch, max_length, memories, absorbed: bool = False, quantized: bool = False):
+        """Each decoder layer's self-attention cache for `max_length` positions, with the memories; absorbed=True
+        derives the folded projections the absorbed step uses, once, now."""
+        layers = [layer.self_attn.new_cache(batch, max_length, absorbed, quantized) for layer in self.decoder]
+        return DecoderCache(layers, memories)

@@ -10,9 +10,13 @@ import os
 import sys
 from pathlib import Path
 
+from convert.checkpoint import FLOAT_DTYPES
 from convert.errors import UserError
+from convert.presets import DEFAULT_PRESET, PRESETS, preset_help
+from convert.quantize import BITS, GROUP_SIZES
+from convert.schema import ATTENTION
 
-from .backends import DEFAULT_CHECKPOINT, FRAMEWORKS, default_framework
+from .backends import DEFAULT_CHECKPOINT, FRAMEWORKS, INFERENCE_FIRST, TRAINING_FIRST
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,15 +72,18 @@ def build_parser() -> Parser:
 
     def common(sp, framework_default=None):
         sp.add_argument("--framework", choices=FRAMEWORKS, default=framework_default,
-                        help="torch or mlx (default: mlx where installed, else torch)")
-        sp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (torch) or gpu (mlx)")
+                        help=f"one of {', '.join(FRAMEWORKS)} (default: the first installed of "
+                             f"{', '.join(TRAINING_FIRST)} for train, else of {', '.join(INFERENCE_FIRST)})")
+        sp.add_argument("--device", default="auto", help="auto, cpu or gpu (each framework's own names work too: "
+                                                         "cuda, cuda:N, mps)")
         sp.add_argument("--data-dir", help="folder with the four MNIST files (else $MLA_MNIST_DIR, else a cache)")
 
     t = sub.add_parser("train", help="train a model")
     common(t)
-    t.add_argument("--preset", help="tiny | small | seed (default small)")
+    t.add_argument("--preset", choices=PRESETS, help=f"model and recipe (default {DEFAULT_PRESET}): {preset_help()}")
     t.add_argument("--config", type=Path, help="a model config JSON (instead of --preset)")
-    t.add_argument("--attention", choices=("mla", "mha"), help="override the preset's attention")
+    t.add_argument("--attention", choices=ATTENTION, help="override the preset's attention")
+    t.add_argument("--kv-heads", type=positive_int, help="K/V heads of --attention gqa (default heads // 4)")
     t.add_argument("--epochs", type=positive_int)
     t.add_argument("--batch-size", type=positive_int)
     t.add_argument("--lr", type=positive_float)
@@ -104,7 +111,7 @@ def build_parser() -> Parser:
     e.add_argument("--samples", type=positive_int, default=1000)
     e.add_argument("--batch-size", type=positive_int, default=250)
     e.add_argument("--weights", choices=("last", "best"), default="last")
-    e.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -126,7 +133,8 @@ def build_parser() -> Parser:
     s.add_argument("checkpoint", type=Path)
     s.add_argument("image", type=Path)
     s.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    s.add_argument("--framework", choices=FRAMEWORKS, help="torch or mlx (default: mlx where installed, else torch)")
+    s.add_argument("--framework", choices=FRAMEWORKS,
+                   help=f"default: the first installed of {', '.join(INFERENCE_FIRST)}")
     s.add_argument("--device", default="auto")
     s.add_argument("--layers", choices=("last", "all"), default="last",
                    help="cross-attention of the last decoder layer, or averaged over all layers")
@@ -134,28 +142,28 @@ def build_parser() -> Parser:
     c = sub.add_parser("convert", help="convert checkpoints and weight files between formats")
     c.add_argument("src", type=Path)
     c.add_argument("dst", type=Path)
-    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
-    c.add_argument("--preset")
+    c.add_argument("--dtype", choices=FLOAT_DTYPES)
+    c.add_argument("--preset", choices=PRESETS)
     c.add_argument("--config", type=Path)
     c.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
-    c.add_argument("--quantize", type=int, choices=(4, 8),
+    c.add_argument("--quantize", type=int, choices=BITS,
                    help="bits per Linear weight, MLX affine groups (needs MLX; DST must be a directory)")
-    c.add_argument("--group-size", type=int, choices=(32, 64), default=64, help="weights per scale/bias (--quantize)")
+    c.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="weights per scale/bias (--quantize)")
 
     b = sub.add_parser("bench", help="generation and training throughput, cache bytes (JSON, table, plot)")
-    b.add_argument("--preset", default="seed")
+    b.add_argument("--preset", choices=PRESETS, default="seed")
     b.add_argument("--checkpoint", type=Path)
     b.add_argument("--batch-size", type=positive_int, default=4)
     b.add_argument("--lengths", default="10,20,30,50")
-    b.add_argument("--frameworks", default="torch,mlx")
+    b.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
     b.add_argument("--train-batch-size", type=positive_int,
                    help="grids per training step (default: --batch-size; a GPU needs more to be busy)")
-    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    b.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
                    help="generation weights and activations (training is always float32)")
-    b.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
+    b.add_argument("--threads", type=positive_int, help="CPU threads, where the framework takes a number (default: its own choice)")
     b.add_argument("--json", type=Path)
     b.add_argument("--plot", type=Path)
     return p

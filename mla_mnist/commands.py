@@ -9,17 +9,11 @@ import numpy as np
 
 from convert import checkpoint
 from convert.config import ModelConfig
+from convert.presets import DEFAULT_PRESET, PRESETS
 from convert.errors import UserError
 from convert.training import TrainConfig
 
-from .backends import Backend, default_framework
-
-TRAIN_DEFAULTS = {  # per preset: what `train` uses when a flag is not given
-    "tiny": dict(epochs=1, batch_size=32, lr=3e-3, train_samples=2000, warmup=50),
-    "small": dict(epochs=10, batch_size=128, lr=1e-3, train_samples=100_000, warmup=500),
-    "seed": dict(epochs=10, batch_size=32, lr=5e-4, train_samples=50_000, warmup=500),
-}
-
+from .backends import INFERENCE_FIRST, TRAINING_FIRST, default_framework, get_backend
 
 def _config(args) -> tuple[ModelConfig, str | None]:
     if args.config is not None:
@@ -36,10 +30,11 @@ def _config(args) -> tuple[ModelConfig, str | None]:
         cfg = ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
         preset = None
     else:
-        preset = args.preset or "small"
+        preset = args.preset or DEFAULT_PRESET
         cfg = ModelConfig.preset(preset)
-    if getattr(args, "attention", None):
-        cfg = cfg.replace(attention=args.attention)
+    if getattr(args, "attention", None) or getattr(args, "kv_heads", None):
+        attention = args.attention or cfg.attention
+        cfg = cfg.replace(attention=attention, kv_heads=args.kv_heads)  # --kv-heads off gqa: the config refuses
     return cfg, preset
 
 
@@ -47,36 +42,37 @@ def cmd_train(args):
     from .train_loop import RunSpec, read_state, train
     from .distributed import launcher_world
 
-    backend = Backend(args.framework or default_framework(("torch", "mlx")), args.device)
+    backend = get_backend(args.framework or default_framework(TRAINING_FIRST), args.device)
     if args.resume is not None and args.init is not None:
         raise UserError("give --resume (continue a run) or --init (fine-tune from weights), not both")
     if args.resume is not None:
         state, _ = read_state(args.resume)
         saved, meta = checkpoint.read_config(args.resume)
         cfg, preset = (saved, meta.get("preset")) if not (args.preset or args.config) else _config(args)
-        spec0 = state["spec"]
+        interrupted = state["spec"]
         given = {"epochs": args.epochs, "batch_size": args.batch_size, "train_samples": args.train_samples,
                  "seed": args.seed, "augment": args.augment}
-        spec_d = {k: (given[k] if given[k] is not None else spec0[k]) for k in given}
-        tc = dict(spec0["train"])
+        run_fields = {k: (given[k] if given[k] is not None else interrupted[k]) for k in given}
+        optimiser = dict(interrupted["train"])
         for flag, key in (("lr", "lr"), ("warmup", "warmup_steps"), ("weight_decay", "weight_decay"),
                           ("label_smoothing", "label_smoothing")):
             if getattr(args, flag) is not None:
-                tc[key] = getattr(args, flag)
-        spec = RunSpec(**spec_d, train=TrainConfig(**tc))
+                optimiser[key] = getattr(args, flag)
+        spec = RunSpec(**run_fields, train=_train_config(optimiser))
         out = args.out or args.resume
     else:
         cfg, preset = _config(args)
-        d = TRAIN_DEFAULTS.get(preset or "small")
-        pick = lambda name: getattr(args, name) if getattr(args, name) is not None else d[name]  # noqa: E731
-        epochs, bs, n = pick("epochs"), pick("batch_size"), pick("train_samples")
-        if n < bs:
-            raise UserError(f"--train-samples {n} is less than one batch of {bs}: raise it or lower --batch-size")
-        tc = TrainConfig(lr=pick("lr"), warmup_steps=pick("warmup"), total_steps=epochs * (n // bs),
-                         weight_decay=args.weight_decay if args.weight_decay is not None else 0.01,
-                         label_smoothing=args.label_smoothing or 0.0)
-        spec = RunSpec(epochs=epochs, batch_size=bs, train_samples=n, seed=args.seed or 0,
-                       augment=args.augment or False, train=tc)
+        recipe = PRESETS[preset or DEFAULT_PRESET]  # a custom --config trains with the default preset's recipe
+        pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(recipe, name)  # noqa: E731
+        epochs, batch, samples = pick("epochs"), pick("batch_size"), pick("train_samples")
+        if samples < batch:
+            raise UserError(f"--train-samples {samples} is less than one batch of {batch}: raise it or lower "
+                            "--batch-size")
+        optimiser = _train_config(dict(lr=pick("lr"), warmup_steps=pick("warmup"),
+                                       total_steps=epochs * (samples // batch), weight_decay=pick("weight_decay"),
+                                       label_smoothing=pick("label_smoothing")))
+        spec = RunSpec(epochs=epochs, batch_size=batch, train_samples=samples, seed=args.seed or 0,
+                       augment=pick("augment") or False, train=optimiser)
         out = args.out or Path("runs") / (preset or "custom")
     rank, world = launcher_world(backend)
     if spec.batch_size % world:
@@ -91,6 +87,16 @@ def cmd_train(args):
         print(msg)
 
 
+def _train_config(fields: dict) -> TrainConfig:
+    """TrainConfig with its messages pointed at the flags that set each field."""
+    try:
+        return TrainConfig(**fields)
+    except UserError as e:
+        hint = {"lr": "--lr", "total_steps": "--epochs, --train-samples or --batch-size",
+                "label_smoothing": "--label-smoothing"}.get(getattr(e, "field", None))
+        raise UserError(f"{e}" + (f" (set by {hint})" if hint else "")) from None
+
+
 def _weights_file(which):
     return checkpoint.BEST if which == "best" else checkpoint.WEIGHTS
 
@@ -100,10 +106,11 @@ def cmd_eval(args):
 
     from .evaluation import eval_set, evaluate_model
 
-    backend = Backend(args.framework or default_framework(), args.device)
+    backend = get_backend(args.framework or default_framework(), args.device)
     model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=args.dtype)
-    if args.quantize_cache and model.config.attention != "mla":
-        raise UserError("--quantize-cache quantizes MLA's latent cache; this checkpoint uses mha: drop the flag")
+    if args.quantize_cache and "absorbed" not in model.decode_modes:
+        raise UserError(f"--quantize-cache quantizes MLA's latent cache; this checkpoint uses "
+                        f"{model.config.attention}: drop the flag")
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir)
     m = evaluate_model(backend, model, images, tokens, args.batch_size, quantize_cache=args.quantize_cache)
     m.update(framework=backend.name, device=str(backend.device), split=args.split, checkpoint=str(args.checkpoint),
@@ -130,7 +137,7 @@ def cmd_make_grid(args):
 
 
 def _predict_framework(args):
-    return args.framework or default_framework(("mlx", "torch"))
+    return args.framework or default_framework(INFERENCE_FIRST)
 
 
 def cmd_predict(args):
@@ -140,7 +147,7 @@ def cmd_predict(args):
 
     config, _ = checkpoint.read_config(args.checkpoint)
     images = np.stack([load_image(p, config.grid) for p in args.images])
-    backend = Backend(_predict_framework(args), args.device)
+    backend = get_backend(_predict_framework(args), args.device)
     model = backend.load(args.checkpoint)
     digits = decode(predict_tokens(backend, model, images))
     if args.json:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,10 @@ import numpy as np
 from convert import checkpoint
 from convert.errors import UserError
 
-from .backends import Backend
+from .backends import default_framework, get_backend
 
 
-def attention_maps(backend: Backend, model, images: np.ndarray, layers: str = "last"):
+def attention_maps(backend, model, images: np.ndarray, layers: str = "last"):
     """Greedy read-out plus one heat map per generated digit.
 
     Returns (digit strings, maps): maps[i] is float32 [k_i, S, S] with S = image side / patch, the
@@ -24,8 +23,7 @@ def attention_maps(backend: Backend, model, images: np.ndarray, layers: str = "l
 
     cfg = model.config
     tokens = backend.generate(model, images)
-    fn = import_module(f"{backend.fw.__name__}.generate").cross_attention_weights
-    w = backend.numpy(fn(model, backend.array(images), backend.array(tokens)))  # [B, L, H, T, 1 + N]
+    w = backend.attention_weights(model, images, tokens)  # [B, L, H, T, 1 + N]
     w = (w[:, -1] if layers == "last" else w.mean(axis=1)).mean(axis=1)  # [B, T, 1 + N]
     side = cfg.image_size // cfg.patch
     digits = decode(tokens)
@@ -90,14 +88,14 @@ def save_figure(fig, out) -> Path:
     return out
 
 
-def show(checkpoint_dir, image_path, out, device="auto", framework="torch", layers="last") -> str:
+def show(checkpoint_dir, image_path, out, device="auto", framework=None, layers="last") -> str:
     """Read one image, draw it with its cross-attention maps to `out` (PNG); returns the digits read."""
     from mnist_grid import load_image
 
     _png_path(out)  # before any work
     config, _ = checkpoint.read_config(checkpoint_dir)
     image = load_image(image_path, config.grid)
-    backend = Backend(framework, device)
+    backend = get_backend(framework or default_framework(), device)
     model = backend.load(checkpoint_dir)
     digits, maps = attention_maps(backend, model, image[None], layers)
     which = "last decoder layer" if layers == "last" else "all decoder layers averaged"

@@ -17,9 +17,10 @@ from tqdm import tqdm
 from convert import checkpoint, safetensors_np
 from convert.config import ModelConfig
 from convert.errors import UserError
+from convert.schema import parameter_count, schema
 from convert.training import TrainConfig
 from mnist_grid import GridStream, decode
-from mnist_grid.metrics import edit_distance
+from mnist_grid.metrics import counts, digit_accuracy
 from mnist_grid.tokens import PAD
 
 from .evaluation import EVAL_SEED, predict_tokens
@@ -106,8 +107,6 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _optimizer_shapes(config):
-    from convert.schema import schema
-
     shapes = {"step": ()}
     for name, shape in schema(config).items():
         shapes[f"m.{name}"] = shapes[f"v.{name}"] = tuple(shape)
@@ -142,7 +141,7 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     stream = GridStream("train", config.grid, spec.seed, data_dir, augment=spec.augment)
     val_x, val_y = GridStream("val", config.grid, 0, data_dir).fixed(val_samples, seed=EVAL_SEED)
     model = backend.build(config, seed=spec.seed)
-    trainer = backend.Trainer(model, spec.train, device=backend.device, bf16=bf16, world=world)
+    trainer = backend.trainer(model, spec.train, bf16=bf16, world=world)
     history, best = [], None
     if init is not None:  # fine-tune: start from a checkpoint's weights with a fresh optimiser and schedule
         init_cfg, weights, _ = checkpoint.load(init)
@@ -168,15 +167,14 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     total = spec.epochs * spec.steps_per_epoch
     stop_at = min(total, max_steps) if max_steps else total
     if rank == 0:
-        log(f"training {config.attention} model ({sum(int(np.prod(s)) for s in _shapes(config))/1e6:.2f}M params) "
+        log(f"training {config.attention} model ({parameter_count(config) / 1e6:.2f}M params) "
             f"on {backend.name}:{backend.device}, {spec.epochs} epoch(s) x {spec.steps_per_epoch} steps of "
             f"{spec.batch_size} grids, from step {start}")
     progress = Progress(stop_at, start, spec.batch_size, quiet or rank != 0)
     t_epoch, losses = time.perf_counter(), []
     step = start
     # On an accelerator the host composes batches ahead; on a CPU workers would only compete with the model.
-    on_cpu = str(backend.device) in ("cpu", "Device(cpu, 0)")
-    workers = 0 if on_cpu else min(8, max(1, ((os.cpu_count() or 2) - 2) // world))
+    workers = 0 if backend.on_cpu else min(8, max(1, ((os.cpu_count() or 2) - 2) // world))
     batches = batch_source(stream, data_dir, range(start, stop_at), spec.steps_per_epoch, spec.batch_size,
                            rank, world, workers)
     for step in range(start, stop_at):
@@ -208,12 +206,6 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     return {"history": history, "best": best, "step": step + 1 if stop_at > start else start}
 
 
-def _shapes(config):
-    from convert.schema import schema
-
-    return schema(config).values()
-
-
 def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:
     """[loss sum, targets, exact matches, digit edits, target digits, grids] over these grids."""
     sums = np.zeros(6)
@@ -221,8 +213,7 @@ def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:
         targets = int((y[i:i + 256, 1:] != PAD).sum())
         sums[:2] += trainer.eval_loss(x[i:i + 256], y[i:i + 256]) * targets, targets
     if len(x):
-        for p, t in zip(decode(predict_tokens(backend, model, x)), decode(y)):
-            sums[2:] += p == t, edit_distance(p, t), len(t), 1
+        sums[2:] = counts(zip(decode(predict_tokens(backend, model, x)), decode(y)))
     return sums
 
 
@@ -231,9 +222,8 @@ def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, sp
     rows = slice(rank * len(val_x) // world, (rank + 1) * len(val_x) // world)
     loss_sum, targets, exact, edits, digits, grids = backend.all_sum(
         _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])).tolist()
-    digit_accuracy = max(0.0, 1 - edits / digits) if digits else float(edits == 0)  # as mnist_grid.evaluate
     return {"epoch": round(epoch, 4), "step": step, "lr": spec.train.lr_at(step - 1), "train_loss": train_loss,
-            "val_loss": loss_sum / targets, "val_exact_match": exact / grids, "val_digit_accuracy": digit_accuracy,
+            "val_loss": loss_sum / targets, "val_exact_match": exact / grids, "val_digit_accuracy": digit_accuracy(edits, digits),
             "samples_per_s": steps * spec.batch_size / max(seconds, 1e-9), "seconds": seconds}
 
 

@@ -1,28 +1,36 @@
-"""Multi-head latent attention (DeepSeek-V2 style) and the standard multi-head baseline.
+"""Multi-head latent attention (DeepSeek-V2 style) and the full-rank baselines (MHA, grouped-query GQA).
 
-Self-attention keeps two forms of the same function:
+MLA self-attention keeps two forms of the same function:
 - expanded (`forward`): kv_b_proj turns the latent c into per-head K/V, then ordinary attention (training,
-  prefill, and decoding when the expanded form is forced);
+  prefill, and decoding when the expanded form is asked for);
 - absorbed (`step`): the k half of kv_b_proj is folded into the query and the v half into the output, so
   attention runs directly over the cached latent c and shared k_pe (one-token decoding: nothing per-head is ever
-  expanded).
+  expanded). The folded matrices are derived once, when a decoding cache is made (`new_cache`).
+
+A variant is a pair of modules in VARIANTS, its parameters in convert.schema.ATTENTION, its cache from its
+self-attention's `new_cache`; `absorbed` says whether it has the one-token latent step.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import KVCache, LatentCache, QuantizedLatentCache
 
-_ROPE_TABLES: dict = {}
+_ROPE_TABLES: OrderedDict = OrderedDict()
+_ROPE_TABLES_KEPT = 8  # (dim, base, device, dtype) combinations: a process uses one or two
 
 
 def rope_table(length: int, dim: int, base: float, device, dtype):
-    """(cos, sin [positions, dim // 2], rotation [positions, dim, dim]) for at least `length` positions, computed
-    once per (dim, base, device, dtype): decoding asks for one position per layer per step, and recomputing
+    """(cos, sin [positions, dim // 2], rotation [positions, dim, dim]) for at least `length` positions, kept for
+    the last few (dim, base, device, dtype): decoding asks for one position per layer per step, and recomputing
     them cost more than the rotation."""
     key = (dim, base, str(device), dtype)
-    table = _ROPE_TABLES.get(key)
+    table = _ROPE_TABLES.pop(key, None)
     if table is None or table[0].shape[0] < length:
         n = max(1024, 1 << (length - 1).bit_length())
         inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
@@ -33,7 +41,10 @@ def rope_table(length: int, dim: int, base: float, device, dtype):
         i = torch.arange(0, dim, 2, device=device)
         rotation[:, i, i], rotation[:, i + 1, i + 1] = cos, cos
         rotation[:, i, i + 1], rotation[:, i + 1, i] = sin, -sin
-        table = _ROPE_TABLES[key] = (cos.to(dtype), sin.to(dtype), rotation.to(dtype))
+        table = (cos.to(dtype), sin.to(dtype), rotation.to(dtype))
+    _ROPE_TABLES[key] = table
+    while len(_ROPE_TABLES) > _ROPE_TABLES_KEPT:
+        _ROPE_TABLES.popitem(last=False)
     return table
 
 
@@ -56,13 +67,14 @@ def causal_mask(t: int, length: int, device) -> torch.Tensor | None:
 
 
 def attend(q, k, v, scale, causal=False):
-    """Fused attention over per-head q, k, v [B, H, T, D]."""
-    t = q.shape[-2]
+    """Fused attention over per-head q [B, H, T, D] and k, v [B, H_kv, L, D] (H_kv divides H)."""
+    t, grouped = q.shape[-2], k.shape[1] != q.shape[1]
+    mask = None
     if causal and t > 1:
         if t == k.shape[-2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, k.shape[-2], q.device), scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
+        mask = causal_mask(t, k.shape[-2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)
 
 
 def latent_attention(q, keys, values, heads: int):
@@ -83,26 +95,31 @@ def layer_norm(norm: nn.LayerNorm, x):
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def absorbed_weights(module, q_layer, k_dim: int):
-    """(w_q [in, H*(r + pe)], w_o [H*r, d]): the absorbed projections, derived once per weight version and
-    stored input-major (x @ w: at batch 4 a matmul that streams cold weights row by row is the faster one).
+@dataclass
+class Absorbed:
+    """The absorbed projections of one attention module, input-major (x @ w: at batch 4 a matmul that streams
+    cold weights row by row is the faster one). w_q [in, H*(r + pe)] maps the input to latent-space queries (the
+    softmax scale folded in); w_o [H*r, d] maps the attended latents to the output."""
+    w_q: torch.Tensor
+    w_o: torch.Tensor
+
+
+@torch.no_grad()
+def absorb(module, q_weight, k_dim: int) -> Absorbed:
+    """Fold kv_b_proj into the query and output projections.
 
     q: per head, the k half of kv_b_proj (w_uk [k_dim, r]) folded into the query's first k_dim rows, the
-    remaining (rotary) rows kept, and the softmax scale folded in. o: the v half (w_uv [hd, r]) folded into
-    o_proj. Computed in float32 and cast back; optimiser steps and loads bump the versions and re-derive.
+    remaining (rotary) rows kept. o: the v half (w_uv [hd, r]) folded into o_proj. Computed in float32 and cast
+    back to the weights' dtype.
     """
-    sources = (q_layer.weight, module.kv_b_proj.weight, module.o_proj.weight)
-    key = tuple((w.data_ptr(), w._version, w.dtype) for w in sources)
-    if module._absorbed is None or module._absorbed[0] != key:
-        h, dtype = module.heads, module.kv_b_proj.weight.dtype
-        wq, wkv, wo = (w.detach().float() for w in sources)
-        wkv = wkv.view(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
-        wq = wq.view(h, -1, wq.shape[1])  # [H, hd, in]
-        q_lat = torch.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
-        w_q = torch.cat([q_lat, wq[:, k_dim:]], dim=1).reshape(-1, wq.shape[2]) * module.scale
-        w_o = torch.einsum("dhv,hvr->dhr", wo.view(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
-        module._absorbed = (key, w_q.t().contiguous().to(dtype), w_o.t().contiguous().to(dtype))
-    return module._absorbed[1:]
+    h, dtype = module.heads, module.kv_b_proj.weight.dtype
+    wq, wkv, wo = (w.float() for w in (q_weight, module.kv_b_proj.weight, module.o_proj.weight))
+    wkv = wkv.view(h, -1, wkv.shape[1])  # [H, k_dim + hd, r]
+    wq = wq.view(h, -1, wq.shape[1])  # [H, hd, in]
+    q_lat = torch.einsum("hkr,hki->hri", wkv[:, :k_dim], wq[:, :k_dim])
+    w_q = torch.cat([q_lat, wq[:, k_dim:]], dim=1).reshape(-1, wq.shape[2]) * module.scale
+    w_o = torch.einsum("dhv,hvr->dhr", wo.view(wo.shape[0], h, -1), wkv[:, k_dim:]).reshape(wo.shape[0], -1)
+    return Absorbed(w_q.t().contiguous().to(dtype), w_o.t().contiguous().to(dtype))
 
 
 def split_heads(x, heads):
@@ -115,7 +132,31 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
+@dataclass
+class LatentMemory:
+    """Cross-attention memory in latent form: the encoder latent c [B, N, r] and the absorbed projections."""
+    c: torch.Tensor
+    absorbed: Absorbed
+
+    @property
+    def nbytes(self) -> int:
+        return self.c.numel() * self.c.element_size()
+
+
+@dataclass
+class KVMemory:
+    """Cross-attention memory as per-head K/V [B, H_kv, N, hd], computed once per image."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+
 class MLASelfAttention(nn.Module):
+    absorbed = True  # has the one-token latent-space step
+
     def __init__(self, cfg, q_rank: int, kv_rank: int):
         super().__init__()
         self.heads, self.head_dim, self.rope_dim, self.kv_rank = cfg.heads, cfg.head_dim, cfg.rope_dim, kv_rank
@@ -129,7 +170,14 @@ class MLASelfAttention(nn.Module):
         self.kv_a_norm = nn.LayerNorm(kv_rank)
         self.kv_b_proj = nn.Linear(kv_rank, h * (self.nope_dim + cfg.head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
-        self._absorbed = None
+
+    def new_cache(self, batch, max_length, absorbed: bool, quantized: bool = False):
+        """The latent cache (c | k_pe per position); for the absorbed step it carries the folded projections."""
+        w = self.o_proj.weight
+        kind = QuantizedLatentCache if quantized else LatentCache
+        cache = kind(batch, max_length, self.kv_rank, self.rope_dim, w.dtype, w.device)
+        cache.absorbed = absorb(self, self.q_b_proj.weight, self.nope_dim) if absorbed else None
+        return cache
 
     def forward(self, x, offset: int = 0, cache=None, causal: bool = False):
         """The expanded form: x [B, T, d] -> [B, T, d]; with a cache, x continues the cached prefix."""
@@ -151,15 +199,14 @@ class MLASelfAttention(nn.Module):
     def step(self, x, cache):
         """The absorbed form for one new position: x [B, 1, d] -> [B, 1, d]. Only the new position's latent c and
         k_pe are computed; the query moves into latent space and attends over the cache as it is stored."""
-        r, b, offset = self.kv_rank, x.shape[0], cache.length
-        w_q, w_o = absorbed_weights(self, self.q_b_proj, self.nope_dim)
+        r, b, offset, w = self.kv_rank, x.shape[0], cache.length, cache.absorbed
         q_a = layer_norm(self.q_a_norm, F.linear(x, self.q_a_proj.weight))
         c, k_pe = F.linear(x, self.kv_a_proj.weight).split([r, self.rope_dim], dim=-1)
         keys = cache.update(layer_norm(self.kv_a_norm, c), rope(k_pe, offset, self.base))  # [B, L, r + rope]
-        q = (q_a @ w_q).view(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
+        q = (q_a @ w.w_q).view(b, self.heads, 1, -1)  # per head: [q_nope·w_uk (latent), q_pe] * scale
         q[..., r:] = rope(q[..., r:], offset, self.base)
         out = latent_attention(q.view(b, 1, self.heads, -1), keys, keys[..., :r], self.heads)  # [B, 1, H*r]
-        return out @ w_o
+        return out @ w.w_o
 
 
 class MLACrossAttention(nn.Module):
@@ -173,38 +220,45 @@ class MLACrossAttention(nn.Module):
         self.kv_a_norm = nn.LayerNorm(self.kv_rank)
         self.kv_b_proj = nn.Linear(self.kv_rank, h * 2 * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(h * cfg.head_dim, d, bias=False)
-        self._absorbed = None
 
-    def memory(self, enc, absorb: bool = False) -> dict:
+    def memory(self, enc, absorbed: bool = False) -> LatentMemory | KVMemory:
         """What every decoding step reuses: the encoder latent c, or K/V expanded from it once."""
         c = self.kv_a_norm(self.kv_a_proj(enc))
-        if absorb:
-            return {"c": c}
+        if absorbed:
+            return LatentMemory(c, absorb(self, self.q_proj.weight, self.head_dim))
         k, v = split_heads(self.kv_b_proj(c), self.heads).split([self.head_dim, self.head_dim], dim=-1)
-        return {"k": k, "v": v}
+        return KVMemory(k, v)
 
-    def forward(self, x, memory: dict):
-        if "c" in memory:
-            w_q, w_o = absorbed_weights(self, self.q_proj, self.head_dim)
+    def forward(self, x, memory: LatentMemory | KVMemory):
+        if isinstance(memory, LatentMemory):
             b, t, _ = x.shape
-            q = (x @ w_q).view(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
-            return latent_attention(q, memory["c"], memory["c"], self.heads) @ w_o
+            q = (x @ memory.absorbed.w_q).view(b, t, self.heads, -1)  # per head: q·w_uk (latent space) * scale
+            return latent_attention(q, memory.c, memory.c, self.heads) @ memory.absorbed.w_o
         q = split_heads(self.q_proj(x), self.heads)
-        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
+        return self.o_proj(merge_heads(attend(q, memory.k, memory.v, self.scale)))
 
 
-class MHASelfAttention(nn.Module):
-    """The baseline MLA replaces: full-rank Q/K/V, RoPE on the last rope_dim of every head, K/V cache."""
+class GroupedSelfAttention(nn.Module):
+    """Full-rank attention with K/V heads shared by groups of query heads: MHA (kv_heads == heads, the baseline
+    MLA replaces) or GQA (fewer); RoPE on the last rope_dim of every head; a K/V cache of kv_heads heads."""
+    absorbed = False
 
-    def __init__(self, cfg, q_rank=None, kv_rank=None):
+    def __init__(self, cfg, kv_heads: int):
         super().__init__()
-        self.heads, self.head_dim, self.rope_dim, self.base = cfg.heads, cfg.head_dim, cfg.rope_dim, cfg.rope_base
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, kv_heads, cfg.head_dim
+        self.rope_dim, self.base = cfg.rope_dim, cfg.rope_base
         self.nope_dim, self.scale = cfg.head_dim - cfg.rope_dim, cfg.head_dim ** -0.5
-        d = cfg.d_model
+        d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+
+    def new_cache(self, batch, max_length, absorbed: bool, quantized: bool = False):
+        if absorbed or quantized:
+            raise ValueError("only MLA has an absorbed step and an int8 latent cache")
+        w = self.o_proj.weight
+        return KVCache(batch, max_length, self.kv_heads, self.head_dim, w.dtype, w.device)
 
     def _rope_heads(self, x, offset):
         nope, pe = x.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -212,34 +266,46 @@ class MHASelfAttention(nn.Module):
 
     def forward(self, x, offset: int = 0, cache=None, causal: bool = False):
         q = self._rope_heads(split_heads(self.q_proj(x), self.heads), offset)
-        k = self._rope_heads(split_heads(self.k_proj(x), self.heads), offset)
-        v = split_heads(self.v_proj(x), self.heads)
+        k = self._rope_heads(split_heads(self.k_proj(x), self.kv_heads), offset)
+        v = split_heads(self.v_proj(x), self.kv_heads)
         if cache is not None:
             k, v = cache.update(k, v)
         return self.o_proj(merge_heads(attend(q, k, v, self.scale, causal=causal)))
 
 
-class MHACrossAttention(nn.Module):
-    def __init__(self, cfg):
+class GroupedCrossAttention(nn.Module):
+    def __init__(self, cfg, kv_heads: int):
         super().__init__()
-        self.heads, self.scale = cfg.heads, cfg.head_dim ** -0.5
-        d = cfg.d_model
+        self.heads, self.kv_heads, self.scale = cfg.heads, kv_heads, cfg.head_dim ** -0.5
+        d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def memory(self, enc, absorb: bool = False) -> dict:
-        return {"k": split_heads(self.k_proj(enc), self.heads), "v": split_heads(self.v_proj(enc), self.heads)}
+    def memory(self, enc, absorbed: bool = False) -> KVMemory:
+        if absorbed:
+            raise ValueError("only MLA has an absorbed (latent) cross-attention memory")
+        return KVMemory(split_heads(self.k_proj(enc), self.kv_heads), split_heads(self.v_proj(enc), self.kv_heads))
 
-    def forward(self, x, memory: dict):
+    def forward(self, x, memory: KVMemory):
         q = split_heads(self.q_proj(x), self.heads)
-        return self.o_proj(merge_heads(attend(q, memory["k"], memory["v"], self.scale)))
+        return self.o_proj(merge_heads(attend(q, memory.k, memory.v, self.scale)))
+
+
+# name -> (self-attention(cfg, q_rank, kv_rank), cross-attention(cfg)); parameters in convert.schema.ATTENTION
+VARIANTS = {
+    "mla": (MLASelfAttention, MLACrossAttention),
+    "mha": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.heads),
+            lambda cfg: GroupedCrossAttention(cfg, cfg.heads)),
+    "gqa": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.kv_heads),
+            lambda cfg: GroupedCrossAttention(cfg, cfg.kv_heads)),
+}
 
 
 def self_attention(cfg, q_rank, kv_rank):
-    return (MLASelfAttention if cfg.attention == "mla" else MHASelfAttention)(cfg, q_rank, kv_rank)
+    return VARIANTS[cfg.attention][0](cfg, q_rank, kv_rank)
 
 
 def cross_attention(cfg):
-    return (MLACrossAttention if cfg.attention == "mla" else MHACrossAttention)(cfg)
+    return VARIANTS[cfg.attention][1](cfg)

@@ -16,6 +16,7 @@ class LatentCache:
     def __init__(self, batch, max_length, kv_rank, rope_dim, dtype, device):
         self.kv = torch.zeros(batch, max_length, kv_rank + rope_dim, dtype=dtype, device=device)
         self.kv_rank, self.length = kv_rank, 0
+        self.absorbed = None  # the folded projections, set by MLASelfAttention.new_cache for the absorbed step
 
     def update(self, c, k_pe):
         """Append c [B, T, kv_rank] and k_pe [B, T, rope_dim]; return every cached position [B, L, r + rope]."""
@@ -38,7 +39,7 @@ class QuantizedLatentCache:
         self.c = torch.zeros(batch, max_length, kv_rank, dtype=torch.int8, device=device)
         self.scale = torch.zeros(batch, max_length, 1, dtype=dtype, device=device)
         self.k_pe = torch.zeros(batch, max_length, rope_dim, dtype=dtype, device=device)
-        self.length = 0
+        self.length, self.absorbed = 0, None
 
     def update(self, c, k_pe):
         start, end = self.length, self.length + c.shape[1]
@@ -55,7 +56,7 @@ class QuantizedLatentCache:
 
 
 class KVCache:
-    """One MHA self-attention layer: post-RoPE k and v [B, H, L, head_dim]."""
+    """One MHA/GQA self-attention layer: post-RoPE k and v [B, H_kv, L, head_dim]."""
 
     def __init__(self, batch, max_length, heads, head_dim, dtype, device):
         self.k = torch.zeros(batch, heads, max_length, head_dim, dtype=dtype, device=device)
@@ -75,7 +76,8 @@ class KVCache:
 
 
 class DecoderCache:
-    """Per decoder layer: a self-attention cache and the cross-attention memory computed once per image."""
+    """Per decoder layer: a self-attention cache (made by the layer's own attention, `new_cache`) and the
+    cross-attention memory computed once per image."""
 
     def __init__(self, layers: list, memories: list[dict]):
         self.layers, self.memories = layers, memories
@@ -90,18 +92,8 @@ class DecoderCache:
 
     @property
     def cross_nbytes(self) -> int:
-        return sum(_nbytes(*m.values()) for m in self.memories)
+        return sum(m.nbytes for m in self.memories)
 
     @property
     def nbytes(self) -> int:
         return self.self_nbytes + self.cross_nbytes
-
-
-def new_cache(cfg, batch, max_length, memories, dtype, device, quantized: bool = False) -> DecoderCache:
-    if cfg.attention == "mla":
-        kind = QuantizedLatentCache if quantized else LatentCache
-        layers = [kind(batch, max_length, cfg.dec_kv_rank, cfg.rope_dim, dtype, device)
-                  for _ in range(cfg.dec_layers)]
-    else:
-        layers = [KVCache(batch, max_length, cfg.heads, cfg.head_dim, dtype, device) for _ in range(cfg.dec_layers)]
-    return DecoderCache(layers, memories)

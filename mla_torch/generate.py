@@ -16,19 +16,40 @@ def sample(logits, temperature: float, top_k: int | None, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
+    """The mode asked for, checked against what the model can do (None: the model's best)."""
+    modes = model.decode_modes
+    mode = modes[0] if mode is None else mode
+    if mode not in modes:
+        raise ValueError(f"decoding mode {mode!r} is not one of this {model.config.attention} model's: "
+                         f"{', '.join(modes)}")
+    if quantize_cache and (mode == "uncached" or "absorbed" not in modes):
+        raise ValueError("the int8 cache is MLA's latent cache: it needs an MLA model and a cached mode")
+    return mode
+
+
+def _next_logits(model, tokens, t, mode, enc, cache):
+    """Logits [B, vocab] for position t, given tokens[:, :t]."""
+    if mode == "uncached":  # the original algorithm: the whole prefix, cross-attention K/V expanded again
+        return model.decode(tokens[:, :t], model.memories(enc))[:, -1]
+    last = tokens[:, t - 1:t]
+    return (model.step(last, cache) if mode == "absorbed" else model.decode(last, cache.memories, cache))[:, -1]
+
+
 @torch.no_grad()
-def generate(model, images, max_length: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-             seed: int | None = None, cache: bool = True, absorb: bool = True, stop: bool = True,
-             return_cache: bool = False, quantize_cache: bool = False):
+def generate(model, images=None, max_length: int | None = None, mode: str | None = None, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, stop: bool = True, return_cache: bool = False,
+             quantize_cache: bool = False, encoded=None):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
-    cache=False is the original algorithm (every step re-runs the whole prefix and re-expands the
-    cross-attention K/V). absorb picks the absorbed (latent-space) or expanded form for cached MLA decoding.
-    stop=False forces every row to run max_length steps (benchmarks). quantize_cache stores the MLA latent
-    as int8 with a per-token scale.
+    mode: "absorbed" (the latent cache, attention in latent space: MLA), "expanded" (a cache, K/V expanded from
+    it: MLA's expanded form, or MHA/GQA's K/V cache) or "uncached" (the original algorithm: every step re-runs
+    the whole prefix); default the first of `model.decode_modes`. stop=False forces every row to run max_length
+    steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
+    output of these images, if already computed (then images may be None).
     """
-    cfg = model.config
-    max_length = cfg.max_tokens if max_length is None else max_length
+    mode = decode_mode(model, mode, quantize_cache)
+    max_length = model.config.max_tokens if max_length is None else max_length
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
@@ -36,43 +57,39 @@ def generate(model, images, max_length: int | None = None, temperature: float = 
     was_training = model.training
     model.eval()
     device = model.head.weight.device
-    images = torch.as_tensor(images, device=device)
-    b = images.shape[0]
+    enc = model.encode(torch.as_tensor(images, device=device)) if encoded is None else encoded
+    b = enc.shape[0]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    absorb = absorb and cfg.attention == "mla"
-    enc = model.encode(images)
     tokens = torch.full((b, max_length), PAD, dtype=torch.long, device=device)
     tokens[:, 0] = START
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    dc = model.new_cache(b, max_length, model.memories(enc, absorb), quantize_cache) if cache else None
+    cache = None
+    if mode != "uncached":
+        absorbed = mode == "absorbed"
+        cache = model.new_cache(b, max_length, model.memories(enc, absorbed), absorbed, quantize_cache)
     for t in range(1, max_length):
-        if dc is not None:
-            last = tokens[:, t - 1:t]
-            logits = (model.step(last, dc) if absorb else model.decode(last, dc.memories, dc))[:, -1]
-        else:
-            logits = model.decode(tokens[:, :t], model.memories(enc))[:, -1]
-        nxt = sample(logits, temperature, top_k, generator)
+        nxt = sample(_next_logits(model, tokens, t, mode, enc, cache), temperature, top_k, generator)
         nxt = torch.where(finished, torch.full_like(nxt, PAD), nxt)
         tokens[:, t] = nxt
         finished |= nxt == FINISH
         if stop and bool(finished.all()):
             break
     model.train(was_training)
-    return (tokens, dc) if return_cache else tokens
+    return (tokens, cache) if return_cache else tokens
 
 
 @torch.no_grad()
-def step_logits(model, images, tokens, cache: bool = True, absorb: bool = True):
-    """Teacher-forced per-step logits [B, T, vocab] through the decoding path (for cache tests)."""
+def step_logits(model, images, tokens, mode: str | None = None):
+    """Teacher-forced per-step logits [B, T, vocab] through the decoding path of `mode` (for cache tests)."""
+    mode = decode_mode(model, mode)
     model.eval()
     enc = model.encode(images)
-    if not cache:
-        return torch.stack([model.decode(tokens[:, : t + 1], model.memories(enc))[:, -1]
-                            for t in range(tokens.shape[1])], dim=1)
-    absorb = absorb and model.config.attention == "mla"
-    dc = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorb))
-    steps = (tokens[:, t:t + 1] for t in range(tokens.shape[1]))
-    return torch.cat([model.step(s, dc) if absorb else model.decode(s, dc.memories, dc) for s in steps], dim=1)
+    cache = None
+    if mode != "uncached":
+        absorbed = mode == "absorbed"
+        cache = model.new_cache(tokens.shape[0], tokens.shape[1], model.memories(enc, absorbed), absorbed)
+    padded = torch.cat([tokens, tokens[:, -1:]], dim=1)  # position t reads tokens[:, :t + 1]
+    return torch.stack([_next_logits(model, padded, t + 1, mode, enc, cache) for t in range(tokens.shape[1])], dim=1)
 
 
 @torch.no_grad()
@@ -95,8 +112,10 @@ def cross_attention_weights(model, images, tokens):
         memory = layer.cross_attn.memory(enc)
         x = x + layer.self_attn(layer.norm1(x), 0, None, causal=True)
         h = layer.norm2(x)
-        q = split_heads(layer.cross_attn.q_proj(h), layer.cross_attn.heads)
-        weights.append(((q @ memory["k"].transpose(-1, -2)) * layer.cross_attn.scale).float().softmax(-1))
-        x = x + layer.cross_attn(h, memory)
+        attn = layer.cross_attn
+        q = split_heads(attn.q_proj(h), attn.heads)
+        k = memory.k.repeat_interleave(attn.heads // memory.k.shape[1], dim=1)  # GQA: each group's shared keys
+        weights.append(((q @ k.transpose(-1, -2)) * attn.scale).float().softmax(-1))
+        x = x + attn(h, memory)
         x = x + layer.mlp(layer.norm3(x))
     return torch.stack(weights, dim=1)

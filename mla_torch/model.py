@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from convert.config import MNIST_MEAN, MNIST_STD, ModelConfig
 
 from .attention import cross_attention, layer_norm, self_attention
-from .cache import new_cache
+from .cache import DecoderCache
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -25,7 +25,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.d_model * cfg.mlp_ratio, cfg.d_model)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        # Functional, so the decoding step can call forward() without the module-call overhead and share the math.
+        return F.linear(F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
 
 class EncoderLayer(nn.Module):
@@ -59,12 +60,11 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.mlp(self.norm3(x)))
 
     def step(self, x, memory, cache):
-        """One new position in the absorbed form (MLA, inference): x [B, 1, d] -> [B, 1, d]. Norms and the MLP
-        are called as functions: this runs once per layer per generated token."""
+        """One new position in the absorbed form (inference): x [B, 1, d] -> [B, 1, d]. Norms, cross-attention
+        and the MLP skip the module call (forward() directly): this runs once per layer per generated token."""
         x = x + self.self_attn.step(layer_norm(self.norm1, x), cache)
-        x = x + self.cross_attn(layer_norm(self.norm2, x), memory)
-        h = F.gelu(F.linear(layer_norm(self.norm3, x), self.mlp.fc1.weight, self.mlp.fc1.bias))
-        return x + F.linear(h, self.mlp.fc2.weight, self.mlp.fc2.bias)
+        x = x + self.cross_attn.forward(layer_norm(self.norm2, x), memory)
+        return x + self.mlp.forward(layer_norm(self.norm3, x))
 
 
 class EncoderDecoder(nn.Module):
@@ -90,9 +90,15 @@ class EncoderDecoder(nn.Module):
             x = layer(x)
         return self.encoder_norm(x) if self.encoder_norm is not None else x
 
-    def memories(self, enc: torch.Tensor, absorb: bool = False) -> list[dict]:
+    @property
+    def decode_modes(self) -> tuple[str, ...]:
+        """What `generate(mode=...)` can do with this model; the first is the default."""
+        absorbed = all(layer.self_attn.absorbed for layer in self.decoder)
+        return ("absorbed", "expanded", "uncached") if absorbed else ("expanded", "uncached")
+
+    def memories(self, enc: torch.Tensor, absorbed: bool = False) -> list:
         """Cross-attention memory of every decoder layer, computed once per image."""
-        return [layer.cross_attn.memory(enc, absorb) for layer in self.decoder]
+        return [layer.cross_attn.memory(enc, absorbed) for layer in self.decoder]
 
     def decode(self, tokens, memories, cache=None):
         """tokens [B, T] -> logits [B, T, vocab] (expanded form); with a cache, tokens continue the cached prefix."""
@@ -105,8 +111,8 @@ class EncoderDecoder(nn.Module):
         return self.head(x)
 
     def step(self, tokens, cache):
-        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form (MLA); the
-        cache holds the latent memories (`memories(enc, absorb=True)`)."""
+        """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form; the cache is
+        `new_cache(..., absorbed=True)`, with the latent memories (`memories(enc, absorbed=True)`)."""
         x = F.embedding(tokens, self.token_embed.weight)
         for layer, memory, layer_cache in zip(self.decoder, cache.memories, cache.layers):
             x = layer.step(x, memory, layer_cache)
@@ -117,6 +123,8 @@ class EncoderDecoder(nn.Module):
     def forward(self, images, tokens):
         return self.decode(tokens, self.memories(self.encode(images)))
 
-    def new_cache(self, batch, max_length, memories, quantized: bool = False):
-        return new_cache(self.config, batch, max_length, memories, self.head.weight.dtype, self.head.weight.device,
-                         quantized)
+    def new_cache(self, batch, max_length, memories, absorbed: bool = False, quantized: bool = False):
+        """Each decoder layer's self-attention cache for `max_length` positions, with the memories; absorbed=True
+        derives the folded projections the absorbed step uses, once, now."""
+        layers = [layer.self_attn.new_cache(batch, max_length, absorbed, quantized) for layer in self.decoder]
+        return DecoderCache(layers, memories)

@@ -8,12 +8,12 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from convert.config import CELL
 from convert.errors import UserError
 
 from .mnist import digits
 from .tokens import FINISH, PAD, START, max_tokens
 
-CELL = 28
 SHIFT = 2  # augmentation: per-digit shift of up to +-SHIFT px inside its cell
 # "affine" augmentation: per-digit rotation, scale and shear (bilinear resampling), on top of the shift.
 ROTATE, SCALE, SHEAR = np.deg2rad(12.0), 0.1, 0.15

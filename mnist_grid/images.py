@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from convert.config import CELL
 from convert.errors import UserError
 
-CELL = 28
 MIN_SIDE = 8
 
 

@@ -17,14 +17,22 @@ def edit_distance(a, b):
     return previous[-1]
 
 
+def counts(pairs) -> tuple[int, int, int, int]:
+    """(exact matches, digit edits, target digits, grids) of (prediction, target) string pairs: sums that add up
+    over batches and data-parallel ranks."""
+    pairs = list(pairs)
+    return (sum(p == t for p, t in pairs), sum(edit_distance(p, t) for p, t in pairs), sum(len(t) for _, t in pairs),
+            len(pairs))
+
+
+def digit_accuracy(errors, total) -> float:
+    """1 - character error rate; clipped at 0 since insertions can exceed the target length."""
+    return max(0.0, 1 - errors / total) if total else float(errors == 0)
+
+
 def _summary(pairs):
-    n = len(pairs)
-    exact = sum(p == t for p, t in pairs)
-    errors = sum(edit_distance(p, t) for p, t in pairs)
-    total = sum(len(t) for _, t in pairs)
-    # 1 - character error rate; clipped at 0 since insertions can exceed the target length.
-    accuracy = max(0.0, 1 - errors / total) if total else float(errors == 0)
-    return {"samples": n, "exact_match": exact / n if n else 0.0, "digit_accuracy": accuracy}
+    exact, errors, total, n = counts(pairs)
+    return {"samples": n, "exact_match": exact / n if n else 0.0, "digit_accuracy": digit_accuracy(errors, total)}
 
 
 def evaluate(pred, target):

@@ -2,15 +2,10 @@
 
 import numpy as np
 
+from convert.config import VOCAB, max_tokens  # noqa: F401  (one source: the model config's)
 from convert.errors import UserError
 
-START, FINISH, PAD = 10, 11, 12
-VOCAB = 13
-
-
-def max_tokens(grid):
-    """Longest target for a grid: every cell filled, plus <start> and <finish>."""
-    return grid * grid + 2
+START, FINISH, PAD = 10, 11, 12  # digits are 0-9; VOCAB counts all 13
 
 
 def encode(digit_lists, length):

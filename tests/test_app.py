@@ -137,13 +137,13 @@ def test_predict_rejects_a_non_image(tmp_path):
 
 def test_attention_maps_look_at_the_digit_being_read(grids):
     """For most digits the most-attended patch lies in that digit's own cell (cells in reading order)."""
-    from mla_mnist.backends import Backend
+    from mla_mnist.backends import get_backend
     from mla_mnist.show import attention_maps
     from mnist_grid import load_image
 
     paths, _, labels = grids
     images = np.stack([load_image(p, 4) for p in paths[:16]])
-    backend = Backend("torch", "cpu")
+    backend = get_backend("torch", "cpu")
     digits, maps = attention_maps(backend, backend.load(DEFAULT_CHECKPOINT), images)
     occupied = images.reshape(-1, 4, 28, 4, 28).max(axis=(2, 4)).reshape(-1, 16) > 0
     hits = total = 0

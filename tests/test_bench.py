@@ -5,7 +5,8 @@ import json
 import pytest
 
 from convert import ModelConfig
-from mla_mnist.bench import COLUMNS, encoder_flops
+from convert.flops import encoder_flops
+from mla_mnist.bench import COLUMNS
 from mla_mnist.cli import main
 
 FRAMEWORKS = [fw for fw in ("torch", "mlx") if importlib.util.find_spec(fw)]
@@ -17,9 +18,10 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
                "--frameworks", "torch,mlx", "--device", "cpu", "--json", str(out), "--plot", str(png)])
     assert rc == 0
     result = json.loads(out.read_text())
-    rows = {(r["framework"], r["cache"], r["attention"], r["length"]): r for r in result["rows"]}
-    modes = {"mla": ("cached", "expanded", "uncached"), "mha": ("cached", "uncached")}
-    expected = {(fw, mode, a, n) for fw in FRAMEWORKS for a in ("mla", "mha") for mode in modes[a] for n in (3, 5)}
+    rows = {(r["framework"], r["mode"], r["attention"], r["length"]): r for r in result["rows"]}
+    modes = {"mla": ("absorbed", "expanded", "uncached"), "mha": ("expanded", "uncached"),
+             "gqa": ("expanded", "uncached")}
+    expected = {(fw, mode, a, n) for fw in FRAMEWORKS for a in modes for mode in modes[a] for n in (3, 5)}
     assert set(rows) == expected and len(result["rows"]) == len(expected)
     for key, row in rows.items():
         for column in COLUMNS:
@@ -30,16 +32,18 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
         assert row["peak_memory_method"]
     for fw in FRAMEWORKS:
         for n in (3, 5):
-            assert rows[(fw, "cached", "mla", n)]["cache_bytes"] < rows[(fw, "cached", "mha", n)]["cache_bytes"]
+            mla, mha, gqa = (rows[(fw, mode, a, n)]["cache_bytes"]
+                             for mode, a in (("absorbed", "mla"), ("expanded", "mha"), ("expanded", "gqa")))
+            assert mla < gqa < mha
             # the expanded form holds the same latent self-attention cache but expanded cross-attention K/V
-            expanded, absorbed = rows[(fw, "expanded", "mla", n)], rows[(fw, "cached", "mla", n)]
+            expanded, absorbed = rows[(fw, "expanded", "mla", n)], rows[(fw, "absorbed", "mla", n)]
             assert expanded["self_cache_bytes"] == absorbed["self_cache_bytes"]
             assert expanded["cross_cache_bytes"] > absorbed["cross_cache_bytes"]
         info = result["frameworks"][fw]
         assert info["matmul_gflops"] > 0 and info["train_samples_per_s"] > 0
-        assert all(info["encoder"][a]["fraction_of_matmul"] > 0 for a in ("mla", "mha"))
+        assert all(info["encoder"][a]["fraction_of_matmul"] > 0 for a in modes)
         assert info["cross_attention_us"]["latent"] > 0 and info["cross_attention_us"]["expanded"] > 0
-    assert len(result["speedups"]) == 2 * 2 * len(FRAMEWORKS)
+    assert len(result["speedups"]) == 3 * 2 * len(FRAMEWORKS)
     # Weight variants: every smaller format writes a smaller file; cache variants are exact byte counts.
     sizes = [w["file_bytes"] for w in result["weight_variants"]]
     assert [w["variant"].split(",")[0] for w in result["weight_variants"]] == ["float32", "float16", "8-bit", "4-bit"]
@@ -48,55 +52,55 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     per = {c["cache"]: c["bytes"] / (4 * 5 * cfg.dec_layers) for c in result["cache_variants"]}
     r, pe = cfg.dec_kv_rank, cfg.rope_dim
     assert per == {"MHA K/V, float32": 2 * cfg.d_model * 4, "MLA latent, float32": (r + pe) * 4,
+                   "GQA K/V, float32": 2 * (cfg.heads // 4) * cfg.head_dim * 4,
                    "MLA latent, float16": (r + pe) * 2, "MLA int8 latent, float32 model": r + 4 + pe * 4,
                    "MLA int8 latent, float16 model": r + 2 + pe * 2}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "| torch | cached | mla | 3 |" in printed and "matmul" in printed
+    assert "| torch | absorbed | mla | 3 |" in printed and "| torch | expanded | gqa | 3 |" in printed
+    assert "matmul" in printed
 
 
 def test_generation_rows_interleave_modes_and_frameworks_repeat_by_repeat():
     """A slow spell of a shared machine must fall on every mode and framework alike: A B C, A B C, ..."""
-    from mla_mnist import bench
+    from mla_mnist.bench import suites
 
     calls = []
 
     class Cache:
         nbytes = self_nbytes = cross_nbytes = 1
 
-    class Runner:
+    class Backend:
         def __init__(self, name):
             self.name = name
 
-        def sync(self, *arrays):
+        def synchronize(self, *arrays):
             pass
 
-        def generate(self, model, images, cache, absorb, **kw):
-            model.encode(images)
-            calls.append((self.name, "uncached" if not cache else "cached" if absorb else "expanded"))
-            return images, Cache()
+        def encode(self, model, images):
+            return images
+
+        def generate(self, model, images, encoded, mode, **kw):
+            assert images is None and encoded is not None  # the encoder output is timed apart, then reused
+            calls.append((self.name, mode))
+            return encoded, Cache()
 
         def peak_memory(self, fn):
             return fn(), {"peak_memory_bytes": 1}
 
-    class Model:
-        def encode(self, x):
-            return x
-
-    players = [(runner, model, [0], mode) for runner, model in ((Runner("a"), Model()), (Runner("b"), Model()))
-               for mode in ("cached", "expanded", "uncached")]
-    rows = bench._generation_rows(players, 5, repeats=3, warm_up=True)
-    order = [(runner.name, mode) for runner, _, _, mode in players]
+    players = [(backend, object(), [0], mode) for backend in (Backend("a"), Backend("b"))
+               for mode in ("absorbed", "expanded", "uncached")]
+    rows = suites.generation_rows(players, 5, repeats=3, warm_up=True)
+    order = [(backend.name, mode) for backend, _, _, mode in players]
     assert calls == order * 4  # one warm-up round, then three timed rounds
     assert len(rows) == len(players) and all(len(row) == 5 for row in rows)
-    assert all("encode" not in vars(model) for _, model, _, _ in players)  # the timing hook is removed
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--lengths", "1,5"], "--lengths"),
     (["--lengths", "ten"], "--lengths"),
     (["--frameworks", "jax"], "--frameworks"),
-    (["--preset", "huge"], "unknown preset"),
+    (["--preset", "huge"], "invalid choice"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "--preset", "tiny", "--train-steps", "0", *argv]) == 2
@@ -104,7 +108,7 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert err.startswith("mla-mnist: error:") and message in err and "\n" not in err
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", "mha", "gqa"])
 @pytest.mark.parametrize("preset", ["tiny", "seed"])
 def test_encoder_flops_match_torch_flop_counter(preset, attention):
     """Projections, MLP and patch embed as counted by torch; the fused attention (which torch's counter skips

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert import ModelConfig
-from mla_mnist.backends import Backend
+from mla_mnist.backends import get_backend
 from mnist_grid import FINISH, PAD, START, GridStream
 
 FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(importlib.util.find_spec(fw) is None,
@@ -18,7 +18,7 @@ GRIDS = 512
 def _fw_module(backend, name):
     from importlib import import_module
 
-    return import_module(f"{backend.fw.__name__}.{name}")
+    return import_module(f"mla_{backend.name}.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def grids():
 @pytest.fixture(scope="module", params=FRAMEWORKS)
 def fw(request, tiny_checkpoint):
     """(backend, trained tiny model) for one framework."""
-    backend = Backend(request.param, "cpu")
+    backend = get_backend(request.param, "cpu")
     return backend, backend.load(tiny_checkpoint)
 
 
@@ -55,8 +55,8 @@ def test_cached_and_uncached_greedy_tokens_identical(fw, grids, greedy):
     backend, model = fw
     images, targets = grids
     cached = greedy(backend, model)
-    np.testing.assert_array_equal(backend.generate(model, images, cache=False), cached)
-    np.testing.assert_array_equal(backend.generate(model, images, absorb=False), cached)
+    np.testing.assert_array_equal(backend.generate(model, images, mode="uncached"), cached)
+    np.testing.assert_array_equal(backend.generate(model, images, mode="expanded"), cached)
     # A model that reads: the comparison is over real, varied read-outs, not constant rows.
     assert cached.shape == targets.shape and (cached[:, 0] == START).all()
     assert (cached == targets).all(axis=1).mean() > 0.15
@@ -68,9 +68,9 @@ def test_step_logits_match_the_full_rerun(fw, grids):
     backend, model = fw
     n = GRIDS if backend.name == "torch" else 128  # MLX's CPU backend is slow
     images, tokens = grids[0][:n], grids[1][:n]
-    uncached = _step_logits(backend, model, images, tokens, cache=False)
-    expanded = _step_logits(backend, model, images, tokens, cache=True, absorb=False)
-    absorbed = _step_logits(backend, model, images, tokens, cache=True, absorb=True)
+    uncached = _step_logits(backend, model, images, tokens, mode="uncached")
+    expanded = _step_logits(backend, model, images, tokens, mode="expanded")
+    absorbed = _step_logits(backend, model, images, tokens, mode="absorbed")
     assert uncached.shape == (n, tokens.shape[1], 13)
     assert np.abs(expanded - uncached).max() <= 1e-5
     assert np.abs(absorbed - uncached).max() <= 1e-5
@@ -81,7 +81,7 @@ def test_step_logits_match_the_full_rerun(fw, grids):
 def test_mlx_and_torch_cached_generation_identical(tiny_checkpoint, grids, greedy):
     pytest.importorskip("torch")
     pytest.importorskip("mlx")
-    tb, mb = Backend("torch", "cpu"), Backend("mlx", "cpu")
+    tb, mb = get_backend("torch", "cpu"), get_backend("mlx", "cpu")
     t_tokens = greedy(tb, tb.load(tiny_checkpoint))
     m_tokens = greedy(mb, mb.load(tiny_checkpoint))
     np.testing.assert_array_equal(m_tokens, t_tokens)
@@ -102,7 +102,7 @@ def _measured_cache(backend, cfg, batch, tokens):
 def test_seed_cache_bytes_against_mha(framework):
     """The seed preset, batch 4, 50 tokens. MLX's CPU backend needs ~15 s per seed encoder pass, so there the
     image is a 2x2 grid (17 encoder tokens): every size that the cache holds per token is the seed's."""
-    backend = Backend(framework, "cpu")
+    backend = get_backend(framework, "cpu")
     cfg = ModelConfig.preset("seed", **({} if framework == "torch" else {"grid": 2}))
     batch, tokens, fp32 = 4, 50, 4
     mla = _measured_cache(backend, cfg, batch, tokens)
@@ -120,54 +120,36 @@ def test_seed_cache_bytes_against_mha(framework):
     assert mla.nbytes == mla.self_nbytes + mla.cross_nbytes
 
 
-# ---- 3. absorbed weights: once per weight version --------------------------------------------------
-def _record_absorbed(backend, monkeypatch):
-    """Wraps absorbed_weights to record, per call (every layer of every step), the cached object it used."""
-    attention = _fw_module(backend, "attention")
-    original, seen = attention.absorbed_weights, []
-
-    def recording(module, *args):
-        out = original(module, *args)
-        seen.append((id(module), module._absorbed))
-        return out
-    monkeypatch.setattr(attention, "absorbed_weights", recording)
-    return seen
-
-
-def _distinct_per_module(seen):
-    by_module = {}
-    for module, cached in seen:
-        by_module.setdefault(module, set()).add(id(cached))
-    return by_module
-
-
+# ---- 3. absorbed weights: derived once, when a decoding cache is made ----------------------------------
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_absorbed_weights_derived_once_then_after_each_optimizer_step(framework, monkeypatch):
+def test_absorbed_weights_derived_once_per_cache_from_the_current_weights(framework, monkeypatch):
     from convert.training import TrainConfig
 
-    backend = Backend(framework, "cpu")
+    backend = get_backend(framework, "cpu")
     cfg = ModelConfig.preset("tiny")
     model = backend.build(cfg, seed=0)
     images, tokens = GridStream("train", cfg.grid, 0).batch(0, 0, 8)
-    seen = _record_absorbed(backend, monkeypatch)
-    keep = []  # holds the cached tuples so that no id is ever reused
+    attention = _fw_module(backend, "attention")
+    original, calls = attention.absorb, []
+
+    def recording(module, *args):
+        calls.append(id(module))
+        return original(module, *args)
+    monkeypatch.setattr(attention, "absorb", recording)
     for _ in range(2):  # two generate calls of 5 decoding steps each
         backend.generate(model, images, max_length=6, stop=False)
-    keep += [cached for _, cached in seen]
     modules = 2 * cfg.dec_layers  # self- and cross-attention of every decoder layer
-    assert len(seen) == 2 * 5 * modules
-    first = _distinct_per_module(seen)
-    assert len(first) == modules and all(len(ids) == 1 for ids in first.values())
+    assert len(calls) == 2 * modules and len(set(calls)) == modules  # per cache, never per step
+    calls.clear()
+    backend.generate(model, images, mode="expanded", max_length=6, stop=False)
+    assert calls == []  # the expanded form folds nothing
 
-    trainer = backend.Trainer(model, TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    trainer = backend.trainer(model, TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10))
     float(trainer.step(images, tokens)[0])
-    seen.clear()
-    backend.generate(model, images, max_length=6, stop=False)
-    after = _distinct_per_module(seen)
-    assert all(len(ids) == 1 for ids in after.values())
-    assert all(after[m].isdisjoint(first[m]) for m in first)  # re-derived for the new weights
-    # ... and equal to a fresh derivation from the new weights: per head, w_uk folded into the query's
-    # no-rope rows (rope rows kept, scale folded in), w_uv folded into o_proj.
+    model.eval()
+    cache = model.new_cache(2, 4, [], absorbed=True)
+    # Equal to a derivation from the new weights: per head, w_uk folded into the query's no-rope rows (rope
+    # rows kept, scale folded in), w_uv folded into o_proj.
     attn = model.decoder[0].self_attn
     w_kv = backend.numpy(attn.kv_b_proj.weight).astype(np.float64).reshape(cfg.heads, -1, cfg.dec_kv_rank)
     w_qb = backend.numpy(attn.q_b_proj.weight).astype(np.float64).reshape(cfg.heads, cfg.head_dim, -1)
@@ -176,9 +158,11 @@ def test_absorbed_weights_derived_once_then_after_each_optimizer_step(framework,
     q_lat = np.einsum("hkr,hki->hri", w_kv[:, :n], w_qb[:, :n])
     want_q = np.concatenate([q_lat, w_qb[:, n:]], axis=1).reshape(-1, w_qb.shape[2]) * cfg.head_dim ** -0.5
     want_o = np.einsum("dhv,hvr->dhr", w_out, w_kv[:, n:]).reshape(cfg.d_model, -1)
-    w_q, w_o = (backend.numpy(a).T for a in attn._absorbed[1:])  # stored input-major
+    folded = cache.layers[0].absorbed
+    w_q, w_o = backend.numpy(folded.w_q).T, backend.numpy(folded.w_o).T  # stored input-major
     np.testing.assert_allclose(w_q, want_q, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w_o, want_o, rtol=1e-5, atol=1e-7)
+    assert model.new_cache(2, 4, []).layers[0].absorbed is None  # the expanded form's cache carries none
 
 
 # ---- 4. sampling -----------------------------------------------------------------------------------

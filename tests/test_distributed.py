@@ -45,17 +45,17 @@ def run_steps(framework, out=None) -> dict:
     validation record; under a launcher, rank 0 writes them to `out`."""
     from convert.config import ModelConfig
     from convert.training import TrainConfig
-    from mla_mnist.backends import Backend
+    from mla_mnist.backends import get_backend
     from mla_mnist.distributed import launcher_world
     from mla_mnist.evaluation import EVAL_SEED
     from mla_mnist.train_loop import RunSpec, _validate
     from mnist_grid import GridStream
 
-    backend = Backend(framework, "cpu")
+    backend = get_backend(framework, "cpu")
     rank, world = launcher_world(backend)
     config = ModelConfig.preset("tiny").replace(dropout=0.0)
     tc = TrainConfig(lr=3e-3, warmup_steps=2, total_steps=STEPS)
-    trainer = backend.Trainer(backend.build(config, seed=0), tc, device=backend.device, world=world)
+    trainer = backend.trainer(backend.build(config, seed=0), tc, world=world)
     stream = GridStream("train", config.grid, 0)
     batches = [stream.batch(0, i, BATCH, rank, world) for i in range(STEPS)]
     losses = [float(trainer.step(x, y)[0]) for x, y in batches]

@@ -222,7 +222,7 @@ def _config_file(tmp, text):
 
 
 TRAIN_CASES = {
-    "unknown preset": (lambda t: ["--preset", "huge"], "unknown preset 'huge': choose one of tiny, small, seed"),
+    "unknown preset": (lambda t: ["--preset", "huge"], "invalid choice: 'huge' (choose from 'tiny', 'small', 'seed')"),
     "unknown config field": (lambda t: ["--config", _config_file(t, '{"grid": 2, "colour": 1}')],
                              "unknown config field(s) colour"),
     "config not JSON": (lambda t: ["--config", _config_file(t, '{"grid": 2,')], "is not valid JSON"),

@@ -17,7 +17,7 @@ from mnist_grid.tokens import FINISH, PAD, START  # noqa: E402
 import mla_mlx  # noqa: E402
 from mla_mlx import checkpoint as ckpt  # noqa: E402
 from mla_mlx import train as mtrain  # noqa: E402
-from mla_mlx.attention import absorbed_weights  # noqa: E402
+from mla_mlx.attention import absorb  # noqa: E402
 from mla_mlx.generate import generate, step_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,20 +76,18 @@ def test_init_statistics():
     assert float(model.head.weight.abs().max()) <= 128 ** -0.5  # Linear: U(-1/sqrt(in), 1/sqrt(in))
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", "mha", "gqa"])
 def test_cached_decoding_matches_full_rerun(attention):
     cfg = ModelConfig.preset("tiny", attention=attention)
     model = ckpt.build(cfg, seed=1)
     images, tokens = _images(cfg, 3), _tokens(cfg, 3)
     full = _np(model(mx.array(images), mx.array(tokens)))
-    uncached = _np(step_logits(model, images, tokens, cache=False))
-    expanded = _np(step_logits(model, images, tokens, cache=True, absorb=False))
-    absorbed = _np(step_logits(model, images, tokens, cache=True, absorb=True))
-    assert np.abs(uncached - full).max() <= 1e-5
-    assert np.abs(expanded - uncached).max() <= 1e-5
-    assert np.abs(absorbed - expanded).max() <= 1e-5
-    greedy = [np.array(generate(model, images, cache=c, absorb=a, stop=False))
-              for c, a in [(False, False), (True, False), (True, True)]]
+    logits = {mode: _np(step_logits(model, images, tokens, mode)) for mode in model.decode_modes}
+    assert np.abs(logits["uncached"] - full).max() <= 1e-5
+    for mode in model.decode_modes:
+        assert np.abs(logits[mode] - logits["uncached"]).max() <= 1e-5
+    assert ("absorbed" in model.decode_modes) == (attention == "mla")
+    greedy = [np.array(generate(model, images, mode=mode, stop=False)) for mode in reversed(model.decode_modes)]
     for g in greedy[1:]:
         np.testing.assert_array_equal(g, greedy[0])
     assert (greedy[0][:, 0] == START).all()
@@ -114,37 +112,37 @@ def test_generate_structure_and_sampling():
     assert model.training  # restored
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", "mha", "gqa"])
 def test_cache_nbytes(attention):
     cfg = ModelConfig.preset("tiny", attention=attention)
     model = ckpt.build(cfg).eval()
     b, length = 3, cfg.max_tokens
     _, dc = generate(model, _images(cfg, b), stop=False, return_cache=True)
-    per_token = cfg.dec_kv_rank + cfg.rope_dim if attention == "mla" else 2 * cfg.heads * cfg.head_dim
+    kv_heads = {"mla": None, "mha": cfg.heads, "gqa": cfg.kv_heads}[attention]
+    per_token = cfg.dec_kv_rank + cfg.rope_dim if attention == "mla" else 2 * kv_heads * cfg.head_dim
     assert dc.self_nbytes == b * length * cfg.dec_layers * per_token * 4
     assert dc.offset == length - 1
     n = cfg.enc_tokens
-    cross = n * cfg.cross_kv_rank if attention == "mla" else 2 * n * cfg.d_model  # absorbed: latent c only
+    cross = n * cfg.cross_kv_rank if attention == "mla" else 2 * n * kv_heads * cfg.head_dim  # MLA: latent c only
     assert dc.cross_nbytes == b * cfg.dec_layers * cross * 4
     assert dc.nbytes == dc.self_nbytes + dc.cross_nbytes
 
 
-def test_absorbed_weights_follow_the_weight_arrays():
+def test_absorbed_weights_are_derived_from_the_weights_of_the_moment():
     cfg = ModelConfig.preset("tiny")
     model = ckpt.build(cfg)
     attn = model.decoder[0].self_attn
-    w_q, w_o = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
-    assert absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)[0] is w_q  # derived once, not per call
+    folded = absorb(attn, attn.q_b_proj, attn.nope_dim)
     h, r = cfg.heads, cfg.dec_kv_rank
+    w_q, w_o = folded.w_q, folded.w_o
     assert w_q.shape == (cfg.dec_q_rank, h * (r + cfg.rope_dim)) and w_o.shape == (h * r, cfg.d_model)  # input-major
-    attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new version of any source array re-derives both
-    w_q2, w_o2 = absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)
+    attn.kv_b_proj.weight = attn.kv_b_proj.weight * 2  # a new cache folds the new weights
+    again = model.new_cache(1, 2, [], absorbed=True).layers[0].absorbed
     q_lat = np.array(w_q).T.reshape(h, r + cfg.rope_dim, -1)
-    q_lat2 = np.array(w_q2).T.reshape(h, r + cfg.rope_dim, -1)
-    assert w_q2 is not w_q and np.allclose(q_lat2[:, :r], 2 * q_lat[:, :r]) and np.allclose(q_lat2[:, r:], q_lat[:, r:])
-    assert np.allclose(np.array(w_o2), 2 * np.array(w_o))
-    attn.o_proj.weight = attn.o_proj.weight * 0.5
-    assert np.allclose(np.array(absorbed_weights(attn, attn.q_b_proj, attn.nope_dim)[1]), np.array(w_o))
+    q_lat2 = np.array(again.w_q).T.reshape(h, r + cfg.rope_dim, -1)
+    assert np.allclose(q_lat2[:, :r], 2 * q_lat[:, :r]) and np.allclose(q_lat2[:, r:], q_lat[:, r:])
+    assert np.allclose(np.array(again.w_o), 2 * np.array(w_o))
+    assert "absorbed" not in str(model.parameters().keys())  # derived state never joins the parameters
 
 
 def test_compiled_train_step_reduces_loss(monkeypatch):

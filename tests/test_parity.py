@@ -191,8 +191,8 @@ def test_greedy_generation_identical(trained, test_grids):
     assert ((t_tokens[:, 1:] >= 0) & (t_tokens[:, 1:] <= 9)).sum() >= 256
     assert (t_tokens == targets).all(axis=1).mean() > 0.05
     # The expanded (non-absorbed) cached path and the uncached re-run read the same in MLX.
-    for kw in ({"absorb": False}, {"cache": False}):
-        np.testing.assert_array_equal(np.array(mla_mlx.generate(mm, images, **kw)), m_tokens)
+    for mode in ("expanded", "uncached"):
+        np.testing.assert_array_equal(np.array(mla_mlx.generate(mm, images, mode=mode)), m_tokens)
 
 
 # ---- 5. bf16 inference -----------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""One record per preset: the model it builds and the training recipe `train` uses when a flag is not given.
+
+A preset added here works everywhere: `--preset` choices, `ModelConfig.preset`, `train`'s defaults and `bench`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    model: dict  # ModelConfig fields; the rest take ModelConfig's defaults
+    epochs: int
+    batch_size: int
+    lr: float
+    train_samples: int  # grids per epoch
+    warmup: int  # learning-rate warm-up steps
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    augment: str | bool = False  # False, "shift" or "affine" (mnist_grid.GridStream)
+    extra: dict = field(default_factory=dict)
+
+
+DEFAULT_PRESET = "small"
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        "tests and quick checks: 2x2 grids (56 px), 16 patches, a few thousand parameters per layer",
+        dict(grid=2, patch=14, d_model=32, enc_layers=2, dec_layers=2, heads=4, dropout=0.0,
+             enc_kv_rank=16, enc_q_rank=24, dec_kv_rank=12, dec_q_rank=16, cross_kv_rank=8),
+        epochs=1, batch_size=32, lr=3e-3, train_samples=2000, warmup=50),
+    "small": Preset(
+        "what users train: 4x4 grids (112 px), 7-px patches (16 per digit)",
+        dict(grid=4, patch=7, d_model=128, enc_layers=6, dec_layers=3, heads=8, dropout=0.0),
+        epochs=10, batch_size=128, lr=1e-3, train_samples=100_000, warmup=500),
+    "seed": Preset(
+        "the original benchmark model: 10x10 grids (280 px), up to 100 digits, 16+16 layers",
+        dict(grid=10, patch=14, d_model=128, enc_layers=16, dec_layers=16, heads=16, dropout=0.1, final_norm=False),
+        epochs=10, batch_size=32, lr=5e-4, train_samples=50_000, warmup=500),
+}
+
+
+def preset_help() -> str:
+    return "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
