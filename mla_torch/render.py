@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 CELL = 28
+SIZE = CELL + 2  # a digit with its one-pixel zero border
 
 
 class DeviceRenderer:
@@ -21,10 +22,16 @@ class DeviceRenderer:
         if pool.dtype != np.uint8 or pool.shape[1:] != (CELL, CELL):
             raise ValueError(f"pool must be uint8 [N, {CELL}, {CELL}], got {pool.dtype} {pool.shape}")
         self.device, self.dtype = torch.device(device), dtype
-        self.pool = torch.from_numpy(pool.reshape(-1).copy()).to(self.device)  # a writable copy: GridStream's is read-only
+        # Each digit inside a zero border (as numpy's _warped pads it), plus one all-zero digit for empty cells:
+        # a read clamped into the border is a read of zeros, so the gathers need no masks.
+        padded = np.pad(pool, ((0, 1), (1, 1), (1, 1)))
+        self.pool, self.empty = torch.from_numpy(padded.reshape(-1)).to(self.device), len(pool)
         # uint8 -> [0, 1] by table: exactly numpy's float32(v) / float32(255) on any device (no reciprocal).
         self.lut = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255)).to(self.device)
         self.ar = torch.arange(CELL, device=self.device)
+
+    def _take(self, index):
+        return self.pool.index_select(0, index.reshape(-1)).reshape(index.shape)
 
     def _upload(self, a, dtype):
         return torch.from_numpy(np.array(a)).to(self.device, dtype, non_blocking=True)
@@ -34,41 +41,37 @@ class DeviceRenderer:
         occupied = d.occupied[rows]
         m, cells = occupied.shape
         grid = int(round(cells ** 0.5))
-        occ = self._upload(occupied.reshape(-1), torch.bool)[:, None, None]  # [M, 1, 1]
-        base = self._upload(np.where(occupied, d.index[rows], 0).reshape(-1), torch.int64)[:, None, None] * CELL**2
+        base = self._upload(np.where(occupied, d.index[rows], self.empty).reshape(-1), torch.int64) * SIZE**2
+        base = base[:, None, None]  # [M, 1, 1]
         # Source pixel of each output pixel before the warp: out[y, x] = in[y - dy, x - dx] (zeros outside).
         py, px = self.ar[None, :, None], self.ar[None, None, :]
         if d.shift is not None:
             shift = self._upload(d.shift[rows].reshape(-1, 2), torch.int64)
             py, px = py - shift[:, 0, None, None], px - shift[:, 1, None, None]
-        keep = occ & (py >= 0) & (py < CELL) & (px >= 0) & (px < CELL)
 
-        if d.affine is None:
-            v = self.pool[(base + py.clamp(0, CELL - 1) * CELL + px.clamp(0, CELL - 1)).reshape(-1)]
-            x = torch.where(keep.reshape(-1), self.lut[v.long()], 0.0)
+        if d.affine is None:  # out-of-cell reads clamp into the zero border
+            x = self.lut[self._take(base + (py + 1).clamp(0, SIZE - 1) * SIZE + (px + 1).clamp(0, SIZE - 1)).long()]
         else:
-            x = self._warped(base, py, px, self._upload(d.affine[rows].reshape(-1, 2, 2), torch.float32))
-            x = torch.where(keep, x, 0.0).reshape(-1) / torch.tensor(255.0, device=self.device)
+            keep = ((py >= 0) & (py < CELL)) & ((px >= 0) & (px < CELL))
+            x = self._warped(base, py, px, self._upload(d.affine[rows].reshape(-1, 2, 2), torch.float32), keep)
+            x = x / torch.tensor(255.0, device=self.device)
         x = x.reshape(m, grid, grid, CELL, CELL).permute(0, 1, 3, 2, 4).reshape(m, grid * CELL, grid * CELL)
         return x.to(self.dtype)
 
-    def _warped(self, base, py, px, mats):
-        """Bilinear sample of each digit at (py, px) through its 2x2 matrix about the cell centre, as _warped."""
+    def _warped(self, base, py, px, mats, keep):
+        """Bilinear sample of each digit at (py, px) through its 2x2 matrix about the cell centre: numpy's _warped
+        op for op, zero where not `keep` (shifted in from outside the cell)."""
         c = (CELL - 1) / 2
         yy, xx = py.float() - c, px.float() - c
         sx = mats[:, 0, 0, None, None] * xx + mats[:, 0, 1, None, None] * yy + c
         sy = mats[:, 1, 0, None, None] * xx + mats[:, 1, 1, None, None] * yy + c
         x0, y0 = torch.floor(sx), torch.floor(sy)
         wx, wy = sx - x0, sy - y0
-        x0, y0 = x0.long(), y0.long()
-
-        def at(dy, dx):  # a tap outside the digit reads 0, as numpy's zero border does
-            ty, tx = y0 + dy, x0 + dx
-            ok = (ty >= 0) & (ty < CELL) & (tx >= 0) & (tx < CELL)
-            v = self.pool[(base + ty.clamp(0, CELL - 1) * CELL + tx.clamp(0, CELL - 1)).reshape(-1)]
-            return torch.where(ok.reshape(-1), v.float(), 0.0).reshape(ok.shape)
-
-        return (1 - wy) * ((1 - wx) * at(0, 0) + wx * at(0, 1)) + wy * ((1 - wx) * at(1, 0) + wx * at(1, 1))
+        keep = keep & (x0 >= -1) & (x0 <= CELL - 1) & (y0 >= -1) & (y0 <= CELL - 1)
+        at = base + (y0.long() + 1).clamp(0, SIZE - 2) * SIZE + (x0.long() + 1).clamp(0, SIZE - 2)
+        a00, a01, a10, a11 = (self._take(at + o).float() for o in (0, 1, SIZE, SIZE + 1))
+        out = (1 - wy) * ((1 - wx) * a00 + wx * a01) + wy * ((1 - wx) * a10 + wx * a11)
+        return torch.where(keep, out, 0.0)
 
 
 def _sync(device):
