@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from convert.training import TrainConfig
 from mnist_grid.tokens import PAD
@@ -35,6 +35,13 @@ def sum_over_ranks(tree):
     return tree_unflatten([(k, part.reshape(v.shape)) for (k, v), part in zip(leaves, parts)])
 
 
+def bf16_loss_fn(model, *args):
+    """loss_fn with the forward in bfloat16: the float32 parameters are cast inside the differentiated function,
+    so their gradients come back float32 (the master weights and Adam moments stay float32)."""
+    model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.trainable_parameters()))
+    return loss_fn(model, *args)  # the model casts its input to its weights' dtype; logits -> float32 loss
+
+
 def _node(tree, name: str):
     """The entry of a nested dict/list tree (optimizer state) at a dotted parameter name."""
     for part in name.split("."):
@@ -46,10 +53,11 @@ class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
     def __init__(self, model, tc: TrainConfig, device=None, bf16: bool = False, world: int = 1):
-        # device: MLX runs on mx.default_device(); bf16: MLX has no autocast, so training stays float32.
+        # device: MLX runs on mx.default_device(); bf16: compute in bfloat16 (MLX has no autocast: bf16_loss_fn).
         # world > 1: one of `world` data-parallel ranks (mx.distributed initialised); gradients are summed.
         self.model, self.tc, self.device, self.world = model, tc, device, world
-        self.bf16 = False
+        self.bf16 = bf16
+        forward = bf16_loss_fn if bf16 else loss_fn
         self.opt = optim.AdamW(learning_rate=tc.lr_at(0), betas=list(tc.betas), eps=tc.eps,
                                weight_decay=tc.weight_decay, bias_correction=True)
         self.opt.init(model.trainable_parameters())  # the compiled step needs the whole state tree up front
@@ -58,13 +66,18 @@ class Trainer:
 
         def train_step(images, tokens):
             count = mx.distributed.all_sum(target_count(tokens).astype(mx.float32)) if world > 1 else None
-            loss, grads = nn.value_and_grad(model, loss_fn)(model, images, tokens, tc.label_smoothing, count)
+            params = model.trainable_parameters()
+            loss, grads = nn.value_and_grad(model, forward)(model, images, tokens, tc.label_smoothing, count)
+            if bf16:
+                model.update(params)  # the float32 master weights back in place of the bf16 copies, for the update
             if world > 1:  # each rank's share of the global mean, summed: the global batch's loss and gradients
                 loss, grads = sum_over_ranks((loss, grads))
             grads, norm = optim.clip_grad_norm(grads, tc.clip)
             self.opt.update(model, grads)
             return loss, norm
 
+        # The update stays per array inside the compiled step: one flat buffer per dtype (concatenated grads,
+        # split views back into the model) measured 2-4x slower for clip + AdamW on the CPU (small and seed).
         self._step = mx.compile(train_step, inputs=state, outputs=state)
 
     def step(self, images, tokens):
@@ -82,7 +95,13 @@ class Trainer:
         self.model.eval()
         images = mx.array(images)
         tokens = mx.array(tokens)
-        return float(loss_fn(self.model, images, tokens))
+        if not self.bf16:
+            return float(loss_fn(self.model, images, tokens))
+        params = self.model.trainable_parameters()
+        try:
+            return float(bf16_loss_fn(self.model, images, tokens))
+        finally:
+            self.model.update(params)
 
     # ---- state for --resume: Adam moments by parameter name, plus the dropout RNG -----------------
     def state(self) -> dict[str, np.ndarray]:

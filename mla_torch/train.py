@@ -1,10 +1,13 @@
 """One optimisation step, and the optimiser state as numpy (for the shared checkpoint directory)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convert.errors import UserError
 from convert.training import TrainConfig
 from mnist_grid.tokens import PAD
 
@@ -24,19 +27,47 @@ def target_count(tokens):
     return (tokens[:, 1:] != PAD).sum()
 
 
+def _check_bf16(device):
+    """bf16 autocast works on CUDA (Ampere or newer) and on the CPU; elsewhere try it, and say so if it fails
+    rather than silently training in float32."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has "
+                        "none: drop --bf16")
+    if device.type in ("cuda", "cpu"):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # autocast disables itself with only a warning on some devices
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                x = torch.ones(2, 2, device=device)
+                if (x @ x).dtype != torch.bfloat16:
+                    raise RuntimeError("matmul did not run in bfloat16")
+    except (RuntimeError, TypeError, UserWarning) as e:
+        raise UserError(f"--bf16 is not supported on {device} ({e}): drop --bf16") from None
+
+
 class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
-    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1):
+    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1,
+                 compile: bool = False):
         # world > 1: one of `world` data-parallel ranks (torch.distributed initialised); DDP sums gradients.
+        # compile: torch.compile the training forward. self.model stays the plain module, so state_dict and
+        # parameter names (checkpoints, optimizer state) are unchanged; eval runs it uncompiled.
         self.model, self.tc, self.device, self.world = model, tc, torch.device(device), world
         self.net = model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.bf16 = bf16 and self.device.type == "cuda"
+        if compile:
+            self.net = torch.compile(self.net)
+        self.bf16 = bf16
+        if bf16:
+            _check_bf16(self.device)
+        # Fused AdamW: one kernel for all parameters on CUDA, instead of a handful per parameter tensor.
+        self.fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(model.parameters(), lr=tc.lr_at(0), betas=tc.betas, eps=tc.eps,
-                                     weight_decay=tc.weight_decay)
+                                     weight_decay=tc.weight_decay, fused=self.fused or None)
         self.step_count = 0
 
     def step(self, images, tokens):
@@ -91,7 +122,8 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if f"m.{name}" in state:
                 self.opt.state[p] = {
-                    "step": torch.tensor(float(self.step_count)),
+                    # fused AdamW keeps its step count on the parameter's device
+                    "step": torch.tensor(float(self.step_count), device=p.device if self.fused else None),
                     "exp_avg": torch.from_numpy(state[f"m.{name}"]).to(p.device, p.dtype),
                     "exp_avg_sq": torch.from_numpy(state[f"v.{name}"]).to(p.device, p.dtype),
                 }

@@ -104,14 +104,20 @@ def render(images, labels, grid, d, rows=slice(None)):
         tiles = _shifted(tiles, d.shift[rows].reshape(-1, 2))
     x = tiles.reshape(m, grid, grid, CELL, CELL).transpose(0, 1, 3, 2, 4)
     x = x.reshape(m, grid * CELL, grid * CELL).astype(np.float32) / np.float32(255)
+    return x, tokens(labels, grid, d, rows)
 
-    tokens = np.full((m, max_tokens(grid)), PAD, dtype=np.int64)
-    tokens[:, 0] = START
+
+def tokens(labels, grid, d, rows=slice(None)):
+    """The target tokens int64 [m, G*G+2] of rows of a Draw: all a renderer on the device leaves to the host."""
+    occupied, index, k = d.occupied[rows], d.index[rows], d.k[rows]
+    m = len(occupied)
+    out = np.full((m, max_tokens(grid)), PAD, dtype=np.int64)
+    out[:, 0] = START
     r, c = np.nonzero(occupied)  # row-major, so digits come out in reading order
     position = np.cumsum(occupied, axis=1)[r, c]  # 1-based slot after <start>
-    tokens[r, position] = labels[index[r, c]]
-    tokens[np.arange(m), k + 1] = FINISH
-    return x, tokens
+    out[r, position] = labels[index[r, c]]
+    out[np.arange(m), k + 1] = FINISH
+    return out
 
 
 def compose(images, labels, grid, n, rng, k=None):
@@ -141,11 +147,15 @@ class GridStream:
 
     def batch(self, epoch, index, batch_size, rank=0, world=1):
         """This rank's share of global batch `index` of `epoch` (ranks concatenate to the whole)."""
+        return render(self.images, self.labels, self.grid, *self.batch_draw(epoch, index, batch_size, rank, world))
+
+    def batch_draw(self, epoch, index, batch_size, rank=0, world=1):
+        """(Draw, rows) of `batch`, for a renderer on the device: render(images, labels, grid, *this) is batch."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of size {world}")
         rng = np.random.default_rng([self.seed, epoch, index, self.split_id])
         rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-        return render(self.images, self.labels, self.grid, self.draw(rng, batch_size), rows)
+        return self.draw(rng, batch_size), rows
 
     def batches(self, epoch, n_samples, batch_size, rank=0, world=1):
         """Batches covering n_samples grids of one epoch; the last may be smaller."""

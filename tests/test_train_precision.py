@@ -1,0 +1,85 @@
+"""--bf16 trains in bfloat16 in both frameworks, on the CPU too: float32 master weights and Adam moments,
+a float32 loss close to the float32 run's, and a loss that goes down. Plus torch's compile option."""
+import numpy as np
+import pytest
+
+from convert.config import ModelConfig
+from convert.training import TrainConfig
+from mnist_grid.grid import GridStream
+
+CFG = ModelConfig.preset("tiny")
+TC = TrainConfig(lr=3e-3, warmup_steps=1, total_steps=100)
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def batches():
+    stream = GridStream("train", CFG.grid, seed=0)
+    return [stream.batch(0, i, 16) for i in range(STEPS)]
+
+
+def _torch(bf16, **kw):
+    torch = pytest.importorskip("torch")
+    from mla_torch import checkpoint
+    from mla_torch.train import Trainer
+
+    trainer = Trainer(checkpoint.build(CFG), TC, "cpu", bf16=bf16, **kw)
+    return trainer, lambda: [p for _, p in trainer.model.named_parameters()], lambda: [
+        t for s in trainer.opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])], torch.float32
+
+
+def _mlx(bf16):
+    mx = pytest.importorskip("mlx.core")
+    from mlx.utils import tree_flatten
+
+    from mla_mlx import checkpoint
+    from mla_mlx.train import Trainer
+
+    trainer = Trainer(checkpoint.build(CFG), TC, bf16=bf16)
+    return trainer, lambda: [p for _, p in tree_flatten(trainer.model.parameters())], lambda: [
+        v for k, v in tree_flatten(trainer.opt.state) if k.endswith((".m", ".v"))], mx.float32
+
+
+@pytest.mark.parametrize("make", [_torch, _mlx], ids=["torch", "mlx"])
+def test_bf16_trains_with_float32_master_weights(make, batches):
+    fp32, *_ = make(False)
+    fp32_loss = float(fp32.step(*batches[0])[0])
+    trainer, params, moments, f32 = make(True)
+    losses = [trainer.step(x, y)[0] for x, y in batches]
+    assert all(loss.dtype == f32 for loss in losses)
+    losses = [float(loss) for loss in losses]
+    assert losses[0] == pytest.approx(fp32_loss, rel=0.03)  # the same weights, computed in bf16
+    assert np.mean(losses[-3:]) < 0.9 * losses[0], losses
+    assert {p.dtype for p in params()} == {f32}
+    assert moments() and {m.dtype for m in moments()} == {f32}
+    assert trainer.eval_loss(*batches[0]) == pytest.approx(losses[-1], rel=0.3)
+
+
+def test_torch_bf16_really_runs_in_bf16(batches):
+    """On the CPU the forward's matmuls are bf16 (no silent float32 fallback); the loss is float32."""
+    torch = pytest.importorskip("torch")
+    trainer, *_ = _torch(True)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        trainer.step(*batches[0])
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_torch_compile_keeps_state_names(batches, monkeypatch):
+    """compile=True wraps only the training forward: checkpoint and optimizer names stay those of the module.
+    Traced by dynamo and AOT autograd but not code-generated: inductor takes minutes on a small CPU."""
+    torch = pytest.importorskip("torch")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))
+    plain, *_ = _torch(False)
+    trainer, *_ = _torch(False, compile=True)
+    assert trainer.net is not trainer.model
+    assert list(trainer.model.state_dict()) == list(plain.model.state_dict())
+    for x, y in batches[:2]:
+        a, b = plain.step(x, y), trainer.step(x, y)
+        assert float(b[0]) == pytest.approx(float(a[0]), rel=1e-4)
+    assert trainer.state().keys() == plain.state().keys()
