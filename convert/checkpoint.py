@@ -24,6 +24,8 @@ WEIGHTS = "model.safetensors"
 BEST = "best.safetensors"
 METRICS = "metrics.json"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+# The shipped model, installed beside these packages: the default of every loader and command that takes one.
+SHIPPED = Path(__file__).resolve().parents[1] / "mla_mnist" / "checkpoints" / "small"
 
 
 def _fsync_dir(path: Path):

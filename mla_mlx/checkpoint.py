@@ -44,7 +44,7 @@ def save(model, path, dtype: str | None = None, **kwargs):
     return checkpoint.save(path, model.config, to_numpy(model), dtype=dtype, **kwargs)
 
 
-def load(path, dtype: mx.Dtype = mx.float32, weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
+def load(path=checkpoint.SHIPPED, dtype: mx.Dtype = mx.float32, weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
     config, arrays, _ = checkpoint.load(path, weights)
     q = config.quantization
     model = EncoderDecoder(config.replace(quantization=None))

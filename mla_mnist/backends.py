@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from importlib import import_module
-from pathlib import Path
 
+from convert.checkpoint import SHIPPED
 from convert.errors import UserError
 
 FRAMEWORKS = ("torch", "mlx")
 TRAINING_FIRST = ("torch", "mlx")  # the default framework for training, where both are installed
 INFERENCE_FIRST = ("mlx", "torch")  # ... and for reading grids: MLX is the Mac's native framework
 LAUNCHERS = {"torch": "torchrun", "mlx": "mlx.launch"}
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "small"
+DEFAULT_CHECKPOINT = SHIPPED
 
 
 def installed(name: str) -> bool:

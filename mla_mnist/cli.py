@@ -12,6 +12,7 @@ from pathlib import Path
 
 from convert.checkpoint import FLOAT_DTYPES
 from convert.errors import UserError
+from convert.formats import ACCEPTED as ACCEPTED_SOURCES
 from convert.presets import DEFAULT_PRESET, PRESETS, preset_help
 from convert.quantize import BITS, GROUP_SIZES
 from convert.schema import ATTENTION
@@ -65,107 +66,156 @@ def nonneg_float(text):
     return v
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXAMPLES = {
+    "train": ["mla-mnist train --preset tiny --framework mlx --epochs 1 --train-samples 2000 --out runs/tiny",
+              "mla-mnist train --preset small --bf16 --out runs/small          # the shipped model's recipe",
+              "mla-mnist train --resume runs/small                             # continue an interrupted run"],
+    "eval": ["mla-mnist eval --samples 1000                                   # the shipped model, MLX",
+             "mla-mnist eval runs/tiny --framework torch --samples 500 --json"],
+    "make-grid": ["mla-mnist make-grid grid.png --digits 9 --seed 3"],
+    "predict": ["mla-mnist predict grid.png photo.jpg --json"],
+    "show": ["mla-mnist show grid.png --out seen.png                          # the shipped model"],
+    "convert": ["mla-mnist convert runs/tiny tiny.pt",
+                "mla-mnist convert runs/tiny runs/tiny-q8 --quantize 8"],
+    "bench": ["mla-mnist bench --preset tiny                                   # writes runs/bench-tiny/",
+              "mla-mnist bench --preset seed --frameworks torch --repeats 5 --out runs/bench-seed"],
+}
+
+
 def build_parser() -> Parser:
-    p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0])
+    p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def common(sp, framework_default=None):
-        sp.add_argument("--framework", choices=FRAMEWORKS, default=framework_default,
-                        help=f"one of {', '.join(FRAMEWORKS)} (default: the first installed of "
-                             f"{', '.join(TRAINING_FIRST)} for train, else of {', '.join(INFERENCE_FIRST)})")
+    def command(name, help):
+        epilog = "example:\n  " + "\n  ".join(EXAMPLES[name])
+        return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
+
+    def common(sp):
+        sp.add_argument("--framework", choices=FRAMEWORKS,
+                        help=f"default: the first installed of {', '.join(TRAINING_FIRST if sp is t else INFERENCE_FIRST)}")
         sp.add_argument("--device", default="auto", help="auto, cpu or gpu (each framework's own names work too: "
                                                          "cuda, cuda:N, mps)")
-        sp.add_argument("--data-dir", help="folder with the four MNIST files (else $MLA_MNIST_DIR, else a cache)")
+        sp.add_argument("--data-dir", help="folder with the four MNIST files (default: $MLA_MNIST_DIR, else a "
+                                           "user cache, downloaded once)")
 
-    t = sub.add_parser("train", help="train a model")
+    def checkpoint_argument(sp):
+        sp.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="a checkpoint directory (default: the shipped small model)")
+
+    t = command("train", "train a model")
     common(t)
     t.add_argument("--preset", choices=PRESETS, help=f"model and recipe (default {DEFAULT_PRESET}): {preset_help()}")
     t.add_argument("--config", type=Path, help="a model config JSON (instead of --preset)")
     t.add_argument("--attention", choices=ATTENTION, help="override the preset's attention")
     t.add_argument("--kv-heads", type=positive_int, help="K/V heads of --attention gqa (default heads // 4)")
-    t.add_argument("--epochs", type=positive_int)
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=positive_float)
-    t.add_argument("--warmup", type=nonneg_int)
-    t.add_argument("--weight-decay", type=nonneg_float)
-    t.add_argument("--label-smoothing", type=nonneg_float)
-    t.add_argument("--train-samples", type=positive_int, help="grids per epoch")
-    t.add_argument("--val-samples", type=positive_int, default=512)
+    t.add_argument("--epochs", type=positive_int, help="passes over --train-samples grids (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int, help="grids per step (default: the preset's)")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate (default: the preset's)")
+    t.add_argument("--warmup", type=nonneg_int, help="linear warm-up steps (default: the preset's)")
+    t.add_argument("--weight-decay", type=nonneg_float, help="AdamW decoupled weight decay (default: the preset's)")
+    t.add_argument("--label-smoothing", type=nonneg_float, help="cross-entropy label smoothing (default: the preset's)")
+    t.add_argument("--train-samples", type=positive_int, help="grids per epoch (default: the preset's)")
+    t.add_argument("--val-samples", type=positive_int, default=512, help="validation grids scored after each epoch")
     t.add_argument("--augment", nargs="?", const="shift", choices=("shift", "affine"),
                    help="per-digit augmentation: shift (up to 2 px; the default when no value is given) or "
                         "affine (shift + rotation, scale, shear)")
-    t.add_argument("--seed", type=nonneg_int)
+    t.add_argument("--seed", type=nonneg_int, help="data order and initial weights (default 0)")
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
+    t.add_argument("--force", action="store_true", help="start a new run over an existing --out checkpoint")
     t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")
     t.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimiser: fine-tuning)")
-    t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps")
-    t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N (schedule unchanged)")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N, schedule unchanged (0: never)")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 weights and optimiser state")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="greedy evaluation on fixed test grids")
-    e.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT)
+    e = command("eval", "greedy evaluation on fixed test grids")
+    checkpoint_argument(e)
     common(e)
-    e.add_argument("--split", choices=("test", "val"), default="test")
-    e.add_argument("--samples", type=positive_int, default=1000)
-    e.add_argument("--batch-size", type=positive_int, default=250)
-    e.add_argument("--weights", choices=("last", "best"), default="last")
-    e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
+    e.add_argument("--split", choices=("test", "val"), default="test", help="MNIST digits the grids are made of")
+    e.add_argument("--samples", type=positive_int, default=1000, help="grids to read (the same fixed ones every run)")
+    e.add_argument("--batch-size", type=positive_int,
+                   help="grids per generate call (default: 64 on a CPU, 1024 on a GPU)")
+    e.add_argument("--weights", choices=("last", "best"), default="last",
+                   help="the last weights, or the best on validation")
+    e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
     e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    g = sub.add_parser("make-grid", help="render a grid of real MNIST digits to a PNG and print its label")
-    g.add_argument("out", type=Path)
-    g.add_argument("--grid", type=positive_int, default=4)
+    g = command("make-grid", "render a grid of real MNIST digits to a PNG and print its label")
+    g.add_argument("out", type=Path, help="the PNG to write")
+    g.add_argument("--grid", type=positive_int, default=4, help="cells per side")
     g.add_argument("--digits", type=positive_int, help="how many cells hold a digit (default random)")
-    g.add_argument("--seed", type=nonneg_int, default=0)
-    g.add_argument("--split", choices=("test", "val", "train"), default="test")
-    g.add_argument("--data-dir")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="which grid")
+    g.add_argument("--split", choices=("test", "val", "train"), default="test", help="MNIST digits to use")
+    g.add_argument("--data-dir", help="folder with the four MNIST files (default: $MLA_MNIST_DIR, else a cache)")
 
-    pr = sub.add_parser("predict", help="read the digits in grid images (PNG/JPEG)")
-    pr.add_argument("images", nargs="+", type=Path)
+    pr = command("predict", "read the digits in grid images (PNG/JPEG)")
+    pr.add_argument("images", nargs="+", type=Path, help="image files")
     common(pr)
-    pr.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                    help="a checkpoint directory (default: the shipped small model)")
+    pr.add_argument("--json", action="store_true", help="print one JSON list")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("show", help="draw an image with its prediction and cross-attention maps")
-    s.add_argument("checkpoint", type=Path)
-    s.add_argument("image", type=Path)
+    s = command("show", "draw an image with its prediction and cross-attention maps")
+    s.add_argument("args", nargs="+", metavar="[CHECKPOINT] IMAGE",
+                   help="the image, after a checkpoint directory (default: the shipped small model)")
     s.add_argument("--out", type=Path, required=True, help="the PNG to write")
     s.add_argument("--framework", choices=FRAMEWORKS,
                    help=f"default: the first installed of {', '.join(INFERENCE_FIRST)}")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto, cpu or gpu")
     s.add_argument("--layers", choices=("last", "all"), default="last",
                    help="cross-attention of the last decoder layer, or averaged over all layers")
 
-    c = sub.add_parser("convert", help="convert checkpoints and weight files between formats")
-    c.add_argument("src", type=Path)
-    c.add_argument("dst", type=Path)
-    c.add_argument("--dtype", choices=FLOAT_DTYPES)
-    c.add_argument("--preset", choices=PRESETS)
-    c.add_argument("--config", type=Path)
+    c = command("convert", "convert checkpoints and weight files between formats")
+    c.add_argument("src", type=Path, help=ACCEPTED_SOURCES)
+    c.add_argument("dst", type=Path, help="a checkpoint directory, or a .pt/.pth, .npz or .safetensors file")
+    c.add_argument("--force", action="store_true", help="replace an existing DST")
+    c.add_argument("--dtype", choices=FLOAT_DTYPES, help="weights dtype to write (default: the source's)")
+    c.add_argument("--preset", choices=PRESETS, help="the model of a bare weights file")
+    c.add_argument("--config", type=Path, help="the model config JSON of a bare weights file")
     c.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
     c.add_argument("--quantize", type=int, choices=BITS,
                    help="bits per Linear weight, MLX affine groups (needs MLX; DST must be a directory)")
     c.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="weights per scale/bias (--quantize)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    b = sub.add_parser("bench", help="generation and training throughput, cache bytes (JSON, table, plot)")
-    b.add_argument("--preset", choices=PRESETS, default="seed")
-    b.add_argument("--checkpoint", type=Path)
-    b.add_argument("--batch-size", type=positive_int, default=4)
-    b.add_argument("--lengths", default="10,20,30,50")
-    b.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--repeats", type=positive_int, default=3)
+    b = command("bench", "generation and training throughput, cache bytes (JSON, table, plot)")
+    b.add_argument("--preset", choices=PRESETS, default="seed", help="random weights of this preset's model")
+    b.add_argument("--checkpoint", type=Path, help="a trained checkpoint instead of --preset")
+    b.add_argument("--batch-size", type=positive_int, default=4, help="grids per generate call")
+    b.add_argument("--lengths", default="10,20,30,50", help="forced generation lengths, comma-separated")
+    b.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
+    b.add_argument("--device", default="cpu", help="cpu or gpu (each framework's own names work too)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row (the median is kept)")
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
     b.add_argument("--train-batch-size", type=positive_int,
                    help="grids per training step (default: --batch-size; a GPU needs more to be busy)")
     b.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
                    help="generation weights and activations (training is always float32)")
-    b.add_argument("--threads", type=positive_int, help="CPU threads, where the framework takes a number (default: its own choice)")
-    b.add_argument("--json", type=Path)
-    b.add_argument("--plot", type=Path)
+    b.add_argument("--threads", type=positive_int, help="CPU threads, where the framework takes a number "
+                                                       "(default: its own choice)")
+    b.add_argument("--render-batch", type=nonneg_int, default=256,
+                   help="grids per batch when timing the training-grid renderers (0: skip them)")
+    b.add_argument("--out", type=Path, help="folder for bench.json and bench.png (default runs/bench-<preset>)")
+    b.add_argument("--json", type=Path, help="the JSON file (default OUT/bench.json)")
+    b.add_argument("--plot", type=Path, help="the PNG file (default OUT/bench.png)")
+    b.add_argument("--force", action="store_true", help="replace existing result files")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -13,7 +13,7 @@ from convert.presets import DEFAULT_PRESET, PRESETS
 from convert.errors import UserError
 from convert.training import TrainConfig
 
-from .backends import INFERENCE_FIRST, TRAINING_FIRST, default_framework, get_backend
+from .backends import DEFAULT_CHECKPOINT, INFERENCE_FIRST, TRAINING_FIRST, default_framework, get_backend
 
 def _config(args) -> tuple[ModelConfig, str | None]:
     if args.config is not None:
@@ -74,6 +74,8 @@ def cmd_train(args):
         spec = RunSpec(epochs=epochs, batch_size=batch, train_samples=samples, seed=args.seed or 0,
                        augment=pick("augment") or False, train=optimiser)
         out = args.out or Path("runs") / (preset or "custom")
+        if (out / checkpoint.CONFIG).is_file():
+            _refuse_overwrite(out, args.force, "train", "--out", f", or --resume {str(out)!r} to continue it")
     rank, world = launcher_world(backend)
     if spec.batch_size % world:
         raise UserError(f"--batch-size {spec.batch_size} must be divisible by the {world} processes")
@@ -97,6 +99,12 @@ def _train_config(fields: dict) -> TrainConfig:
         raise UserError(f"{e}" + (f" (set by {hint})" if hint else "")) from None
 
 
+def _refuse_overwrite(path: Path, force: bool, command: str, what: str, hint: str = ""):
+    """Nothing is replaced without being asked: an existing output needs --force."""
+    if path.exists() and not force:
+        raise UserError(f"{command}: {what} {str(path)!r} already exists; pass --force to replace it{hint}")
+
+
 def _weights_file(which):
     return checkpoint.BEST if which == "best" else checkpoint.WEIGHTS
 
@@ -112,7 +120,9 @@ def cmd_eval(args):
         raise UserError(f"--quantize-cache quantizes MLA's latent cache; this checkpoint uses "
                         f"{model.config.attention}: drop the flag")
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir)
-    m = evaluate_model(backend, model, images, tokens, args.batch_size, quantize_cache=args.quantize_cache)
+    batch = args.batch_size or (64 if backend.on_cpu else 1024)  # a CPU is busy at 64; a GPU needs thousands
+    m = evaluate_model(backend, model, images, tokens, batch, quiet=args.quiet,
+                       quantize_cache=args.quantize_cache)
     m.update(framework=backend.name, device=str(backend.device), split=args.split, checkpoint=str(args.checkpoint),
              dtype=args.dtype, quantize_cache=args.quantize_cache,
              quantization=checkpoint.read_config(args.checkpoint)[0].quantization)
@@ -160,22 +170,38 @@ def cmd_predict(args):
 def cmd_show(args):
     from .show import show
 
-    digits = show(args.checkpoint, args.image, args.out, args.device, _predict_framework(args), args.layers)
-    print(f"{args.image}: {digits} (attention maps in {args.out})")
+    if len(args.args) > 2:
+        raise UserError(f"show takes [CHECKPOINT] IMAGE, got {len(args.args)} paths")
+    ckpt, image = (DEFAULT_CHECKPOINT, *args.args) if len(args.args) == 1 else args.args
+    digits = show(Path(ckpt), Path(image), args.out, args.device, _predict_framework(args), args.layers)
+    print(f"{image}: {digits} (attention maps in {args.out})")
 
 
 def cmd_convert(args):
-    from convert.formats import convert
+    from convert.formats import FILE_KINDS, convert
+
+    from .evaluation import progress_bar
 
     cfg = None
     if args.config is not None or args.preset:
         cfg, _ = _config(args)
-    report = convert(args.src, args.dst, dtype=args.dtype, config=cfg, grid=args.grid,
-                     quantize=args.quantize, group_size=args.group_size)
+    _refuse_overwrite(args.dst, args.force, "convert", "DST")
+    if args.dst.suffix and args.dst.suffix.lower() not in FILE_KINDS and not args.dst.is_dir():
+        raise UserError(f"DST {str(args.dst)!r} ends in {args.dst.suffix!r}, not a weights format this project "
+                        f"writes ({', '.join(FILE_KINDS)}); give one of those, or a directory name without an "
+                        "extension for a checkpoint directory")
+    with progress_bar(1, "file", args.quiet, desc="converting"):
+        report = convert(args.src, args.dst, dtype=args.dtype, config=cfg, grid=args.grid,
+                         quantize=args.quantize, group_size=args.group_size)
     print(report)
 
 
 def cmd_bench(args):
     from .bench import run
 
+    out = args.out or Path("runs") / f"bench-{Path(args.checkpoint).name if args.checkpoint else args.preset}"
+    args.json = args.json or out / "bench.json"
+    args.plot = args.plot or out / "bench.png"
+    for path in (args.json, args.plot):  # before the run, not after it
+        _refuse_overwrite(path, args.force, "bench", "output")
     run(args)

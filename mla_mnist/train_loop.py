@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections import deque
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from convert.errors import UserError
 from convert.schema import parameter_count, schema
 from convert.training import TrainConfig
 from mnist_grid import GridStream, decode
+from mnist_grid.grid import tokens
 from mnist_grid.metrics import counts, digit_accuracy
 from mnist_grid.tokens import PAD
 
@@ -48,39 +45,16 @@ class RunSpec:
         return {**d, "train": self.train.to_dict()}
 
 
-_STREAM = None
-
-
-def _init_worker(split, grid, seed, data_dir, augment):
-    global _STREAM
-    _STREAM = GridStream(split, grid, seed, data_dir, augment=augment)
-
-
-def _worker_batch(args):
-    return _STREAM.batch(*args)
-
-
-def batch_source(stream: GridStream, data_dir, steps, steps_per_epoch, batch_size, rank, world, workers):
-    """Batches for `steps` in order. workers > 0 composes them ahead in worker processes (a GPU step is
-    faster than one core composes a batch, and threads would fight the training loop for the GIL)."""
-    args = [(*divmod(s, steps_per_epoch), batch_size, rank, world) for s in steps]
-    if workers <= 0:
-        yield from (stream.batch(*a) for a in args)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    init = (stream.split, stream.grid, stream.seed, data_dir, stream.augment)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
-        pending, it = deque(), iter(args)
-        for a in it:
-            pending.append(pool.submit(_worker_batch, a))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            result = pending.popleft().result()
-            a = next(it, None)
-            if a is not None:
-                pending.append(pool.submit(_worker_batch, a))
-            yield result
+def batch_source(stream: GridStream, steps, steps_per_epoch, batch_size, rank, world, renderer=None):
+    """Batches for `steps` in order. With a renderer (the model is on an accelerator) only the cheap random draw
+    happens on the host: the grids are composed on the device, from digits uploaded once."""
+    for step in steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        if renderer is None:
+            yield stream.batch(epoch, index, batch_size, rank, world)
+        else:
+            d, rows = stream.batch_draw(epoch, index, batch_size, rank, world)
+            yield renderer.render(d, rows), tokens(stream.labels, stream.grid, d, rows)
 
 
 def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -173,10 +147,9 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     progress = Progress(stop_at, start, spec.batch_size, quiet or rank != 0)
     t_epoch, losses = time.perf_counter(), []
     step = start
-    # On an accelerator the host composes batches ahead; on a CPU workers would only compete with the model.
-    workers = 0 if backend.on_cpu else min(8, max(1, ((os.cpu_count() or 2) - 2) // world))
-    batches = batch_source(stream, data_dir, range(start, stop_at), spec.steps_per_epoch, spec.batch_size,
-                           rank, world, workers)
+    renderer = None if backend.on_cpu else backend.grid_renderer(stream.images)
+    batches = batch_source(stream, range(start, stop_at), spec.steps_per_epoch, spec.batch_size, rank, world,
+                           renderer)
     for step in range(start, stop_at):
         epoch, index = divmod(step, spec.steps_per_epoch)
         x, y = next(batches)

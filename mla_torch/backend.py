@@ -17,6 +17,7 @@ from convert.errors import UserError
 
 from . import checkpoint
 from .generate import cross_attention_weights, generate
+from .render import DeviceRenderer
 from .train import Trainer
 
 DEVICES = "auto, cpu, gpu, cuda, cuda:N or mps"
@@ -119,7 +120,8 @@ class Backend:
     def build(self, config, seed: int = 0):
         return checkpoint.build(config, seed).to(self.device)
 
-    def load(self, path, weights: str = "model.safetensors", dtype: str = "float32"):
+    def load(self, path=None, weights: str = "model.safetensors", dtype: str = "float32"):
+        path = checkpoint.checkpoint.SHIPPED if path is None else path
         return checkpoint.load(path, device=self.device, dtype=getattr(torch, dtype), weights=weights)
 
     def save(self, model, path, **kwargs):
@@ -141,6 +143,10 @@ class Backend:
 
     def trainer(self, model, train_config, bf16: bool = False, world: int = 1) -> Trainer:
         return Trainer(model, train_config, device=self.device, bf16=bf16, world=world)
+
+    def grid_renderer(self, digits: np.ndarray):
+        """A renderer of training grids on this device (digits uploaded once as uint8): `.render(draw, rows)`."""
+        return DeviceRenderer(digits, self.device)
 
     # ---- inference ----------------------------------------------------------------------------------
     def encode(self, model, images):

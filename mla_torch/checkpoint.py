@@ -25,7 +25,7 @@ def save(model, path, dtype: str | None = None, **kwargs):
     return checkpoint.save(path, model.config, to_numpy(model), dtype=dtype, **kwargs)
 
 
-def load(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load(path=checkpoint.SHIPPED, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
     config, arrays, _ = checkpoint.load(path, weights)
     if config.quantization:  # torch runs a quantized checkpoint dequantized (in numpy, exactly as MLX would)

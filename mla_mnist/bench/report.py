@@ -45,6 +45,10 @@ def format_report(result) -> str:
         lines.append(f"| {name} | {device} | {info['matmul_gflops']:.1f} | {encoders} | "
                      f"{_num(info.get('train_samples_per_s'), 2)}"
                      + (f" (batch {info['train_batch_size']})" if "train_batch_size" in info else "") + " |")
+    if result.get("render"):
+        lines += ["", "| training grids composed by | batch | augmentation | grids/s |", "|---|---|---|---|"]
+        lines += [f"| {r['renderer']} | {r['batch']} | {r['augment']} | {r['grids_per_s']:,.0f} |"
+                  for r in result["render"]]
     if result.get("weight_variants"):
         lines += ["", "| weights | file bytes | stored weight bytes |", "|---|---|---|"]
         lines += [f"| {w['variant']} | {w['file_bytes']:,} | {w['weight_bytes']:,} |" if "file_bytes" in w

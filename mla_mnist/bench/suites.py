@@ -21,6 +21,7 @@ from convert.training import TrainConfig
 from mnist_grid.tokens import FINISH, PAD, START
 
 from ..backends import FRAMEWORKS, get_backend, installed
+from ..evaluation import progress_bar
 from . import report
 from .timing import load_average, machine, peak_memory, timed
 
@@ -151,6 +152,34 @@ def training_samples_per_s(backends, cfg, batch, steps, rounds=3):
     return [statistics.median(rate) for rate in rates]
 
 
+def render_grids_per_s(backends, cfg, batch: int, data_dir=None, rounds: int = 3) -> list[dict]:
+    """Training grids composed per second, affine-augmented, numpy on the host against each framework's renderer
+    on its device: the frameworks take turns, `rounds` rounds, each keeps its median."""
+    from mnist_grid import GridStream, render
+
+    stream = GridStream("train", cfg.grid, 0, data_dir, augment="affine")
+    draws = [stream.draw(np.random.default_rng(i), batch, augment="affine") for i in range(3)]
+    makers = [("numpy (host)", None, lambda d: render(stream.images, stream.labels, stream.grid, d)[0])]
+    for backend in backends:
+        renderer = backend.grid_renderer(stream.images)
+        makers.append((f"{backend.name} ({backend.device})", backend, renderer.render))
+    rates = {name: [] for name, _, _ in makers}
+    for name, backend, make in makers:  # warm-up: kernels, allocations
+        out = make(draws[0])
+        if backend is not None:
+            backend.synchronize(out)
+    for _ in range(rounds):
+        for name, backend, make in makers:
+            start = time.perf_counter()
+            for d in draws:
+                out = make(d)
+                if backend is not None:
+                    backend.synchronize(out)
+            rates[name].append(len(draws) * batch / (time.perf_counter() - start))
+    return [{"renderer": name, "batch": batch, "augment": "affine", "grids_per_s": statistics.median(r)}
+            for name, r in rates.items()]
+
+
 def _model(backend, cfg, attention, ckpt, dtype):
     """The checkpoint's weights for its own attention variant, random weights for the others; in `dtype`."""
     if ckpt is not None and cfg.attention == attention:
@@ -169,8 +198,23 @@ def parse_list(text, flag, parse, allowed=None):
     return items
 
 
-def progress(line):
-    print(line, file=sys.stderr, flush=True)  # stdout stays the report
+class Progress:
+    """A bar over the generation rows on stderr (stdout stays the report); notes beside it. Quiet with --quiet
+    or when stderr is not a terminal."""
+
+    def __init__(self, rows: int, quiet: bool):
+        self.bar = progress_bar(rows, "row", quiet, desc="bench")
+
+    def row(self, line: str):
+        self.bar.set_postfix_str(line, refresh=False)
+        self.bar.update()
+
+    def note(self, line: str):
+        if not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self):
+        self.bar.close()
 
 
 def speedups(rows):
@@ -218,10 +262,12 @@ def run(args):
     # The matmul rate of each framework is sampled before and between the lengths and its median kept: the
     # encoder's share of it then compares two medians over the same stretch of time.
     matmul, enc_ms = {}, {}
+    variants = {a: len(backends[0].build(cfg.replace(attention=a, kv_heads=None)).decode_modes) for a in ATTENTION}
+    progress = Progress(len(backends) * sum(variants.values()) * len(lengths), getattr(args, "quiet", False))
     for backend in backends:
         info = result["frameworks"][backend.name] = {**backend.device_info(), "encoder": {}}
         matmul[backend.name] = [backend.matmul_gflops(max(args.repeats, 3))]
-        progress(f"{backend.name} on {info['device']}: fp32 matmul {matmul[backend.name][0]:.1f} GFLOP/s")
+        progress.note(f"{backend.name} on {info['device']}: fp32 matmul {matmul[backend.name][0]:.1f} GFLOP/s")
     for attention in ATTENTION:
         built = [(backend, *_model(backend, cfg, attention, args.checkpoint, args.dtype)) for backend in backends]
         players = [(backend, model, backend.array(images), mode)
@@ -240,7 +286,7 @@ def run(args):
                     "self_cache_bytes": cache.self_nbytes if cache is not None else None,
                     "cross_cache_bytes": cache.cross_nbytes if cache is not None else None,
                     **memory})
-                progress(f"{name} {mode} {attention} length {length}: {batch / total:.2f} samples/s")
+                progress.row(f"{name} {mode} {attention} length {length}: {batch / total:.2f} samples/s")
             for backend in backends:
                 matmul[backend.name].append(backend.matmul_gflops(3))
         flops = encoder_flops(cfg.replace(attention=attention, kv_heads=None)) * batch
@@ -262,7 +308,11 @@ def run(args):
             info = result["frameworks"][backend.name]
             info["train_samples_per_s"], info["train_steps"], info["train_batch_size"] = \
                 rate, args.train_steps, train_batch
-            progress(f"{backend.name} training: {rate:.2f} samples/s")
+            progress.note(f"{backend.name} training: {rate:.2f} samples/s")
+    if args.render_batch:
+        result["render"] = render_grids_per_s(backends, cfg, args.render_batch)
+        for row in result["render"]:
+            progress.note(f"grid renderer {row['renderer']}: {row['grids_per_s']:,.0f} grids/s")
     if args.checkpoint is not None:
         weights = checkpoint.load(args.checkpoint)[1]
     else:
@@ -275,4 +325,5 @@ def run(args):
                                        modes.index(r["mode"]), r["length"]))
     result["speedups"] = speedups(result["rows"])
     result["machine"]["load_average_after"] = load_average()
+    progress.close()
     report.emit(result, args.json, args.plot)
