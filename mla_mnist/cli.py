@@ -120,6 +120,7 @@ def build_parser() -> Parser:
     pr.add_argument("images", nargs="+", type=Path)
     common(pr)
     pr.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    pr.add_argument("--grid", type=positive_int, help="the images hold an NxN grid (at most the model's)")
     pr.add_argument("--json", action="store_true")
 
     s = sub.add_parser("show", help="draw an image with its prediction and cross-attention maps")

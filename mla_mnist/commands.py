@@ -134,15 +134,18 @@ def _predict_framework(args):
 
 
 def cmd_predict(args):
-    from mnist_grid import decode, load_image
+    from mnist_grid import decode, read_grid_image, readout_warnings
 
     from .evaluation import predict_tokens
 
     config, _ = checkpoint.read_config(args.checkpoint)
-    images = np.stack([load_image(p, config.grid) for p in args.images])
+    images, notes = zip(*[read_grid_image(p, config.grid, args.grid) for p in args.images])
     backend = Backend(_predict_framework(args), args.device)
     model = backend.load(args.checkpoint)
-    digits = decode(predict_tokens(backend, model, images))
+    digits = decode(predict_tokens(backend, model, np.stack(images)))
+    for p, d, w in zip(args.images, digits, notes):
+        if w := [*w, *readout_warnings(d, args.grid or config.grid)]:  # one line per image
+            print(f"mla-mnist: warning: {str(p)!r}: {'; '.join(w)}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"file": str(p), "digits": d} for p, d in zip(args.images, digits)]))
     else:
