@@ -45,7 +45,9 @@ File names are quoted with repr() so a newline in one cannot split the one-line 
 """
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,9 @@ CELL = 28
 DIGIT = 20  # MNIST's digit box inside a cell
 MIN_SIDE = 8
 MAX_PIXELS = 50_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check: warns above, refuses above twice this
+# Pillow's own bomb check, for every opener: warns above this (refused here from the header) and refuses
+# above twice this inside Image.open, so no path decodes more than the limit.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 INK = 0.35
 LATTICE = 0.85
 ASPECT = (0.8, 1.25)
@@ -74,16 +78,22 @@ def _open(path):
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise UserError(f"{str(path)!r} {what}; pass the path of a PNG or JPEG image")
+    limit = f"over the {MAX_PIXELS // 1_000_000}-megapixel limit; scale it down first"
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns from MAX_IMAGE_PIXELS on: those are refused just below, with their size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_PIXELS:  # from the header: nothing decoded yet
-                raise UserError(f"image {str(path)!r} is {w}\u00d7{h} pixels, over the "
-                                f"{MAX_PIXELS // 1_000_000}-megapixel limit; scale it down first")
+                raise UserError(f"image {str(path)!r} is {w}\u00d7{h} pixels, {limit}")
             img.load()
             return ImageOps.exif_transpose(img)  # photos carry their rotation in EXIF
-    except Image.DecompressionBombError:
-        raise UserError(f"image {str(path)!r} has too many pixels to be a digit grid; scale it down first") from None
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses it in open()
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(n.group(1)) / 1e6:.0f} megapixels" if n else "too many pixels"
+        raise UserError(f"image {str(path)!r} is {size}, {limit}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise UserError(f"{str(path)!r} is not a readable PNG/JPEG image; pass a valid image file") from None
 
