@@ -168,7 +168,7 @@ def _runs(flags):
     runs = [[int(a), int(b)] for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
     merged = runs[:1]
     for a, b in runs[1:]:
-        pa, pb = merged[-1]
+        pb = merged[-1][1]
         if a - pb <= 1:
             merged[-1][1] = b
         else:
@@ -294,8 +294,8 @@ def read_grid_image(path, grid, image_grid=None):
         c_cells = max(1, round((w + s - m) / s))
         cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
         box_h, box_w = r_cells * s, c_cells * s
-        top_src, left_src = int(round(cy - box_h / 2)), int(round(cx - box_w / 2))
-        bh, bw = int(round(box_h)), int(round(box_w))
+        top_src, left_src = round(cy - box_h / 2), round(cx - box_w / 2)
+        bh, bw = round(box_h), round(box_w)
         crop = np.zeros((bh, bw), np.float32)  # the padding may reach past the picture: zeros there
         sy0, sx0 = max(0, top_src), max(0, left_src)
         sy1, sx1 = min(h_img, top_src + bh), min(w_img, left_src + bw)

@@ -57,7 +57,7 @@ STROKES = {
 
 def fonts():
     try:
-        out = subprocess.run(["fc-list", "--format", "%{file}\n"], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(["fc-list", "--format", "%{file}\n"], capture_output=True, text=True, timeout=20, check=False).stdout
         files = sorted({f for f in out.splitlines() if f.lower().endswith((".ttf", ".otf"))})
     except (OSError, subprocess.SubprocessError):
         files = []
@@ -168,7 +168,9 @@ def generate(out_dir: Path, seed: int = 17):
         items.append({"file": path.name, "kind": kind, "label": label, "grid": grid,
                       "mode": img.mode, "size": f"{img.width}x{img.height}"})
 
-    font_at = lambda i: ttf[i % len(ttf)]  # noqa: E731
+    def font_at(i):
+        return ttf[i % len(ttf)]
+
     i = 0
     for n in range(10):  # typeset 4x4 grids: the picture is the grid, various cell sizes
         cells = _cells(rng, 4, 4, int(rng.integers(2, 17)))
@@ -261,7 +263,8 @@ def measure(out_dir: Path, items, doc: Path, checkpoint=None):
         ok_a += a == it["label"]
         warned_wrong += bool(w) and a != it["label"]
         warned_right += bool(w) and a == it["label"]
-        mark = lambda s: f"`{s or '(none)'}`" + (" ✓" if s == it["label"] else "")  # noqa: E731
+        def mark(read, label=it["label"]):
+            return f"`{read or '(none)'}`" + (" ✓" if read == label else "")
         rows.append(f"| {it['file']} | {it['kind']}, {it['mode']} {it['size']} | {it.get('grid') or ''} | "
                     f"`{it['label']}` | {mark(b)} | {mark(a)} | {'; '.join(w)} |")
     n = len(items)
@@ -294,7 +297,7 @@ By group (file name):
 
 | group | pictures | before | after |
 |---|---|---|---|
-""" + "\n".join(f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in groups.items()) + f"""
+""" + "\n".join(f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in groups.items()) + """
 
 ## Per image
 

@@ -15,7 +15,13 @@ from PIL import Image
 
 from convert.errors import UserError
 from mla_mnist.cli import main
-from mnist_grid import GridStream, load_image, read_grid_image, readout_warnings, save_image
+from mnist_grid import (
+    GridStream,
+    load_image,
+    read_grid_image,
+    readout_warnings,
+    save_image,
+)
 from mnist_grid import images as images_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +148,7 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png(20_000, 20_000))  # past twice the limit: Pillow itself refuses it in open()
     for p in (path, bomb):
-        rc, out, err = run_cli(["predict", p, *TORCH])
+        rc, _, err = run_cli(["predict", p, *TORCH])
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "over the 50-megapixel limit" in err, err
     assert "400 megapixels" in err
 
@@ -198,7 +204,7 @@ def test_missing_mnist_is_one_line_not_a_crashed_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDG_CACHE"))}
     env.update(MLA_MNIST_DIR="/nonexistent", HOME=str(tmp_path), MLA_MNIST_TEST_FALLBACK=str(tmp_path / "none"))
     r = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "tests/test_data.py"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     text = (r.stdout + r.stderr).strip()
     assert r.returncode == 2, text
     lines = [ln for ln in text.splitlines() if ln.strip()]
