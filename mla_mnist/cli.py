@@ -170,6 +170,7 @@ def build_parser() -> Parser:
                     help="a checkpoint directory (default: the shipped small model)")
     pr.add_argument("--json", action="store_true", help="print one JSON list")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--grid", type=positive_int, help="the images hold an NxN grid (at most the model's; default: the model's own)")
 
     s = command("show", "draw an image with its prediction and cross-attention maps")
     s.add_argument("args", nargs="+", metavar="[CHECKPOINT] IMAGE",

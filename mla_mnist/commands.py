@@ -151,15 +151,21 @@ def _predict_framework(args):
 
 
 def cmd_predict(args):
-    from mnist_grid import decode, load_image
+    from mnist_grid import decode, read_grid_image, readout_warnings
 
-    from .evaluation import predict_tokens
+    from .evaluation import predict_tokens, progress_bar
 
     config, _ = checkpoint.read_config(args.checkpoint)
-    images = np.stack([load_image(p, config.grid) for p in args.images])
+    quiet = args.quiet or len(args.images) < 16  # a bar only where there is a wait to see
+    with progress_bar(len(args.images), "image", quiet, desc="loading") as bar:
+        images, notes = zip(*[(read_grid_image(p, config.grid, args.grid), bar.update())[0] for p in args.images])
     backend = get_backend(_predict_framework(args), args.device)
     model = backend.load(args.checkpoint)
-    digits = decode(predict_tokens(backend, model, images))
+    with progress_bar(len(images), "image", quiet, desc="reading") as bar:
+        digits = decode(predict_tokens(backend, model, np.stack(images), progress=bar))
+    for p, d, w in zip(args.images, digits, notes):
+        if w := [*w, *readout_warnings(d, args.grid or config.grid)]:  # one line per image
+            print(f"mla-mnist: warning: {str(p)!r}: {'; '.join(w)}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"file": str(p), "digits": d} for p, d in zip(args.images, digits)]))
     else:

@@ -90,11 +90,11 @@ def save_figure(fig, out) -> Path:
 
 def show(checkpoint_dir, image_path, out, device="auto", framework=None, layers="last") -> str:
     """Read one image, draw it with its cross-attention maps to `out` (PNG); returns the digits read."""
-    from mnist_grid import load_image
+    from mnist_grid import read_grid_image
 
     _png_path(out)  # before any work
     config, _ = checkpoint.read_config(checkpoint_dir)
-    image = load_image(image_path, config.grid)
+    image, _ = read_grid_image(image_path, config.grid)  # cropped and placed as predict reads it
     backend = get_backend(framework or default_framework(), device)
     model = backend.load(checkpoint_dir)
     digits, maps = attention_maps(backend, model, image[None], layers)

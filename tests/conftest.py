@@ -18,16 +18,43 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         pass
 
 
-def mnist_dir() -> Path:
+def mnist_candidates() -> list[Path]:
+    """Where the tests look for MNIST, in order: $MLA_MNIST_DIR, the CLI's user cache, ../shared/data/mnist.
+
+    MLA_MNIST_TEST_FALLBACK replaces the last one (only the tests of this discovery set it)."""
+    from mnist_grid import resolve_data_dir
+
     env = os.environ.get("MLA_MNIST_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "data" / "mnist"
+    found = [Path(env).expanduser()] if env else []
+    saved = os.environ.pop("MLA_MNIST_DIR", None)
+    try:
+        found.append(resolve_data_dir())  # the per-user cache the CLI downloads into
+    finally:
+        if saved is not None:
+            os.environ["MLA_MNIST_DIR"] = saved
+    found.append(Path(os.environ.get("MLA_MNIST_TEST_FALLBACK") or ROOT.parent / "shared" / "data" / "mnist"))
+    return found
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _data_env():
+def _complete(d: Path) -> bool:
+    from mnist_grid import mnist
+
+    return d.is_dir() and all(mnist._find(d, n) for names in mnist.FILES.values() for n in names)
+
+
+def mnist_dir() -> Path | None:
+    """The first candidate holding the four MNIST files, else None."""
+    return next((d for d in mnist_candidates() if _complete(d)), None)
+
+
+def pytest_configure(config):
+    # Checked before any xdist worker starts (and again in each worker): a missing MNIST is one readable
+    # line and exit code 2, not a fixture error in every test or a crashed node.
     d = mnist_dir()
-    if not d.is_dir():
-        pytest.exit(f"MNIST not found at {d}: set MLA_MNIST_DIR to the folder with the four IDX files", 2)
+    if d is None:
+        where = ", ".join(str(p) for p in mnist_candidates())
+        pytest.exit(f"MNIST not found (looked in {where}): set MLA_MNIST_DIR to the folder with the four "
+                    "IDX files", returncode=2)
     os.environ["MLA_MNIST_DIR"] = str(d)
 
 
