@@ -20,8 +20,21 @@ import mlx.nn as nn
 from .cache import KVCache, LatentCache, QuantizedLatentCache
 
 
+def rope_plain(x: mx.array, offset: int, base: float) -> mx.array:
+    """rope() in plain ops. MLX's CUDA backend fails to capture mx.fast.rope in its graphs at batch >= 64
+    (ml-explore/mlx#3659); these elementwise ops work at any batch."""
+    t, dim = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+    angles = mx.arange(offset, offset + t, dtype=mx.float32)[:, None] * inv_freq
+    cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+
+
 def rope(x: mx.array, offset: int, base: float) -> mx.array:
     """Rotary embedding on interleaved pairs (0,1),(2,3)... of the last axis; positions run along axis -2."""
+    if mx.default_device() == mx.gpu and not mx.metal.is_available():  # the CUDA backend: see rope_plain
+        return rope_plain(x, offset, base)
     return mx.fast.rope(x, x.shape[-1], traditional=True, base=base, scale=1.0, offset=offset)
 
 

@@ -206,8 +206,9 @@ def build_parser() -> Parser:
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
     b.add_argument("--train-batch-size", type=positive_int,
                    help="grids per training step (default: --batch-size; a GPU needs more to be busy)")
-    b.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
-                   help="generation weights and activations (training is always float32)")
+    b.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="generation weights and activations")
+    b.add_argument("--train-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="training compute (bfloat16: float32 weights and optimiser state, as train --bf16)")
     b.add_argument("--threads", type=positive_int, help="CPU threads, where the framework takes a number "
                                                        "(default: its own choice)")
     b.add_argument("--render-batch", type=nonneg_int, default=256,

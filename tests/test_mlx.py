@@ -215,3 +215,13 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     bad.pop("head.bias")
     with pytest.raises(UserError, match="head.bias"):
         ckpt.from_numpy(ckpt.build(cfg), bad)
+
+
+@pytest.mark.parametrize("offset,t", [(0, 17), (5, 1), (40, 3)])
+def test_plain_rope_equals_the_fused_kernel(offset, t):
+    """The plain-ops RoPE the CUDA backend uses computes what mx.fast.rope does (interleaved pairs)."""
+    from mla_mlx.attention import rope_plain
+
+    x = mx.random.normal((2, 3, t, 8))
+    fused = mx.fast.rope(x, 8, traditional=True, base=10000.0, scale=1.0, offset=offset)
+    np.testing.assert_allclose(np.array(rope_plain(x, offset, 10000.0)), np.array(fused), atol=2e-5, rtol=1e-5)

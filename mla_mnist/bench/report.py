@@ -44,7 +44,9 @@ def format_report(result) -> str:
         encoders = " | ".join(f"{e[a]['gflops']:.1f} | {e[a]['fraction_of_matmul']:.0%}" for a in attentions)
         lines.append(f"| {name} | {device} | {info['matmul_gflops']:.1f} | {encoders} | "
                      f"{_num(info.get('train_samples_per_s'), 2)}"
-                     + (f" (batch {info['train_batch_size']})" if "train_batch_size" in info else "") + " |")
+                     + (f" (batch {info['train_batch_size']}, {info['train_dtype']}, peak "
+                        f"{info['train_peak_memory_bytes'] / 2 ** 30:.2f} GiB)" if "train_batch_size" in info else "")
+                     + " |")
     if result.get("render"):
         lines += ["", "| training grids composed by | batch | augmentation | grids/s |", "|---|---|---|---|"]
         lines += [f"| {r['renderer']} | {r['batch']} | {r['augment']} | {r['grids_per_s']:,.0f} |"

@@ -128,7 +128,7 @@ def synthetic_batch(cfg, batch, seed=0):
     return images, tokens
 
 
-def training_samples_per_s(backends, cfg, batch, steps, rounds=3):
+def training_samples_per_s(backends, cfg, batch, steps, rounds=3, bf16=False):
     """Samples/s of each framework's training step. The frameworks take turns, `rounds` rounds of
     steps // rounds steps each, and each keeps its median round: side by side, like the generation rows."""
     rounds = min(rounds, steps)
@@ -137,11 +137,13 @@ def training_samples_per_s(backends, cfg, batch, steps, rounds=3):
     trainers = []
     for backend in backends:
         trainer = backend.trainer(backend.build(cfg, seed=0),
-                                  TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2))
+                                  TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2), bf16=bf16)
         for _ in range(2):  # warm-up (MLX compiles its step on the first call)
             float(trainer.step(images, tokens)[0])
         trainers.append(trainer)
-    rates = [[] for _ in backends]
+    rates, memory = [[] for _ in backends], []
+    for backend, trainer in zip(backends, trainers):  # one more step each, for its peak memory
+        memory.append(peak_memory(backend, lambda: float(trainer.step(images, tokens)[0]))[1])
     for _ in range(rounds):
         for trainer, rate in zip(trainers, rates):
             start = time.perf_counter()
@@ -149,7 +151,7 @@ def training_samples_per_s(backends, cfg, batch, steps, rounds=3):
                 loss, _ = trainer.step(images, tokens)
             float(loss)  # waits for the last step
             rate.append(per_round * batch / (time.perf_counter() - start))
-    return [statistics.median(rate) for rate in rates]
+    return [(statistics.median(rate), mem) for rate, mem in zip(rates, memory)]
 
 
 def render_grids_per_s(backends, cfg, batch: int, data_dir=None, rounds: int = 3) -> list[dict]:
@@ -304,10 +306,13 @@ def run(args):
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
     if args.train_steps:
         train_batch = args.train_batch_size or batch
-        for backend, rate in zip(backends, training_samples_per_s(backends, cfg, train_batch, args.train_steps)):
+        bf16 = args.train_dtype == "bfloat16"
+        for backend, (rate, memory) in zip(backends, training_samples_per_s(backends, cfg, train_batch,
+                                                                            args.train_steps, bf16=bf16)):
             info = result["frameworks"][backend.name]
             info["train_samples_per_s"], info["train_steps"], info["train_batch_size"] = \
                 rate, args.train_steps, train_batch
+            info["train_dtype"], info["train_peak_memory_bytes"] = args.train_dtype, memory["peak_memory_bytes"]
             progress.note(f"{backend.name} training: {rate:.2f} samples/s")
     if args.render_batch:
         result["render"] = render_grids_per_s(backends, cfg, args.render_batch)
