@@ -56,6 +56,15 @@ def _mlp(prefix, cfg):
 
 def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter name of the model, mapped to its shape, in module order."""
+    s = _float_schema(cfg)
+    if cfg.quantization:
+        from .quantize import quantized_shapes
+
+        s = quantized_shapes(s, cfg.quantization["bits"], cfg.quantization["group_size"])
+    return s
+
+
+def _float_schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d = cfg.d_model
     s = {**_linear("patch_embed", cfg.patch * cfg.patch, d, bias=True), "cls_token": (1, 1, d)}
     for i in range(cfg.enc_layers):
@@ -78,16 +87,12 @@ def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.final_norm:
         s.update(_norm("decoder_norm", d))
     s.update(_linear("head", d, cfg.vocab, bias=True))
-    if cfg.quantization:
-        from .quantize import quantized_shapes
-
-        s = quantized_shapes(s, cfg.quantization["bits"], cfg.quantization["group_size"])
     return s
 
 
 def parameter_count(cfg: ModelConfig) -> int:
     total = 0
-    for shape in schema(cfg.replace(quantization=None)).values():
+    for shape in _float_schema(cfg).values():  # Python ints: exact however large
         n = 1
         for x in shape:
             n *= x
