@@ -7,7 +7,6 @@ atomically. --quantize writes a checkpoint directory in MLX's affine group forma
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 import zipfile
