@@ -864,3 +864,23 @@ def test_parameter_limit_is_exact():
     assert 1.7e9 < parameter_count(cfg) < 2e9
     with pytest.raises(UserError, match="2,559,016,925 parameters is over the limit"):
         ModelConfig.preset("seed", d_model=2048, heads=16, enc_layers=24, dec_layers=24)
+
+
+@pytest.mark.parametrize("inv_freq", ["tiny", "NaN", "above one"])
+def test_original_rope_buffer(inv_freq, tiny_ck, tmp_path, capsys):
+    """An original-format state_dict whose RoPE buffer gives an absurd base: refused (or the default), never NaN."""
+    torch = pytest.importorskip("torch")
+    from test_convert import _original_state
+
+    cfg = ModelConfig.preset("tiny")
+    state = _original_state({k: torch.from_numpy(v) for k, v in _weights(tiny_ck).items()}, cfg, conv=False)
+    value = {"tiny": 1e-30, "NaN": float("nan"), "above one": 2.0}[inv_freq]
+    for k in state:
+        if k.endswith("rope.inv_freq"):
+            state[k] = torch.tensor([1.0, value])
+    torch.save(state, tmp_path / "orig.pt")
+    if inv_freq == "tiny":  # base 1e60
+        _fails(["convert", tmp_path / "orig.pt", tmp_path / "out", "--grid", "2"], capsys, tmp_path, "rope_base")
+    else:  # not a frequency: the default base, as before
+        _works(["convert", tmp_path / "orig.pt", tmp_path / "out", "--grid", "2"], capsys)
+        assert checkpoint.read_config(tmp_path / "out")[0].rope_base == 10000.0
