@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -45,10 +46,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(parent: Path, pattern: str) -> None:
-    """Remove `parent/pattern` entries (names ending -PID) whose writing process is no longer alive."""
+def remove_stale(parent: Path, name: str, kind: str) -> None:
+    """Remove `parent/.NAME.KIND-PID` entries whose writing process is no longer alive."""
     try:
-        candidates = list(parent.glob(pattern))
+        candidates = list(parent.glob(f".{glob.escape(name)}.{kind}-*"))
     except OSError:
         return
     for stale in candidates:
@@ -164,7 +165,7 @@ def resolve(path) -> Path:
     """The checkpoint directory at `path`, recovering one left between the two renames of a save."""
     path = Path(path)
     if not path.exists():
-        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        olds = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.parent.is_dir() else []
         olds = [o for o in olds if o.is_dir()]
         if olds:  # save() leaves at most one: it clears stale ones before its first rename
             try:
@@ -223,14 +224,14 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
     check_writable(path)
     if path.is_symlink():  # write where the link points, and keep the link: renaming it would replace it
-        for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):  # left by versions that renamed the link
-            remove_stale(path.parent, pattern)
+        for kind in ("tmp", "old"):  # left by versions that renamed the link
+            remove_stale(path.parent, path.name, kind)
         path = Path(os.path.realpath(path))
     parent = path.parent
     where = quote(path)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(parent, f".{path.name}.tmp-*")  # those of killed saves; a live writer's stay
+        remove_stale(parent, path.name, "tmp")  # those of killed saves; a live writer's stay
         tmp = parent / f".{path.name}.tmp-{os.getpid()}"
         remove(tmp)
         tmp.mkdir()
@@ -262,7 +263,7 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         old = None
         if path.exists():
             # Left by a save killed after its swap: garbage now, and resolve() must find only this save's.
-            remove_stale(parent, f".{path.name}.old-*")
+            remove_stale(parent, path.name, "old")
             old = parent / f".{path.name}.old-{os.getpid()}"
             remove(old)
             os.rename(path, old)
@@ -271,7 +272,7 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         if old is not None:
             remove(old)
         # Left by a save killed between its renames while `path` was missing: this save replaces it.
-        remove_stale(parent, f".{path.name}.old-*")
+        remove_stale(parent, path.name, "old")
     except OSError as e:
         remove(tmp)
         raise UserError(f"cannot write checkpoint to {where}: {e.strerror} -- choose a writable --out directory") from None

@@ -226,7 +226,7 @@ def _atomic_write(path: Path, write):
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale(path.parent, f".{path.name}.tmp-*")  # left by a killed convert
+        checkpoint.remove_stale(path.parent, path.name, "tmp")  # left by a killed convert
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -670,23 +670,24 @@ def _dead_pid():
     return proc.pid
 
 
-@pytest.mark.parametrize("dst", ["out", "w.safetensors", "w.npz"])
+@pytest.mark.parametrize("dst", ["out", "w.safetensors", "w.npz", "out[1]*"])
 def test_killed_convert_leaves_nothing(dst, ck, tmp_path, capsys):
     """What a SIGKILLed convert leaves (temp dir or file, a moved-away old checkpoint) goes on the next run; a live
     writer's temp stays."""
     pid, live = _dead_pid(), os.getppid()
     target = tmp_path / dst
-    if dst == "out":
+    if dst.startswith("out"):  # a checkpoint directory; glob characters in its name match only itself
         shutil.copytree(ck, target)
-        for name in (f".out.tmp-{pid}", f".out.old-{pid}"):
+        for name in (f".{dst}.tmp-{pid}", f".{dst}.old-{pid}"):
             shutil.copytree(ck, tmp_path / name)
-        (tmp_path / f".out.tmp-{live}").mkdir()
+        (tmp_path / f".{dst}.tmp-{live}").mkdir()
+        (tmp_path / f".out1.tmp-{pid}").mkdir()  # another destination's: not this run's to judge
     else:
         (tmp_path / f".{dst}.tmp-{pid}").write_bytes(b"half a file")
         (tmp_path / f".{dst}.tmp-{live}").write_bytes(b"someone else's")
     _works(["convert", ck, target], capsys)
-    left = sorted(p.name for p in tmp_path.glob(f".{dst}.*"))
-    assert left == [f".{dst}.tmp-{live}"], left
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert left == sorted([f".{dst}.tmp-{live}"] + ([f".out1.tmp-{pid}"] if dst.startswith("out") else [])), left
 
 
 def test_real_sigkill_during_convert(ck, tmp_path, capsys):
