@@ -7,8 +7,9 @@ atomically. --quantize writes a checkpoint directory in MLX's affine group forma
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,20 @@ import numpy as np
 from . import checkpoint, original, safetensors_np
 from .checkpoint import FLOAT_DTYPES
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, quote
 from .quantize import GROUP_SIZES, quantizable
 from .schema import parameter_count
 
 FILE_KINDS = {".pt": "torch", ".pth": "torch", ".npz": "npz", ".safetensors": "safetensors"}
 ACCEPTED = "a checkpoint directory, a torch .pt/.pth state_dict, or an MLX .npz/.safetensors weights file"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # wrappers training scripts save around it
+# torch dtypes numpy can hold (bfloat16 goes through float32); float8, complex and quantized ones are refused.
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+# An .npz may inflate to at most this many times its size on disk plus a margin: weights hardly compress, so
+# more is a zip bomb, refused from the zip directory before anything is inflated.
+NPZ_INFLATION = 50
+NPZ_MARGIN = 64 * 2**20
+NPZ_DTYPE_KINDS = "fiub"
 
 
 @dataclass
@@ -57,22 +65,40 @@ def _floats(arr: np.ndarray) -> np.ndarray:
 def _read_torch(path: Path) -> tuple[dict, dict]:
     torch = _torch("reading")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about pickles on stderr: the error line must be alone
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError for code-running pickles; others for truncated or foreign files
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])[:200]
-        raise UserError(f"refused to load {path}: it is not a plain tensor state_dict ({detail}); loading it "
+        raise UserError(f"refused to load {quote(path)}: it is not a plain tensor state_dict ({detail}); loading it "
                         "could run code or it is corrupt -- re-export it with torch.save(model.state_dict(), path)"
                         ) from None
     state = obj
     if isinstance(obj, dict):
         state = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(state, dict) or not state:
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors: "
+        raise UserError(f"{quote(path)} holds a {type(state).__name__}, not a state_dict of tensors: "
                         "save model.state_dict() with torch.save")
-    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    not_names = [quote(repr(k))[:40] for k in state if not isinstance(k, str)]
+    if not_names:
+        raise UserError(f"{quote(path)}: keys {', '.join(not_names[:4])} are not strings: a state_dict maps "
+                        "parameter names to tensors; save model.state_dict()")
+    not_tensors = [quote(k)[:80] for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise UserError(f"{path}: entries {', '.join(not_tensors[:4])} are not tensors: save model.state_dict()")
+        raise UserError(f"{quote(path)}: entries {', '.join(not_tensors[:4])} are not tensors: save model.state_dict()")
+    odd = []
+    for name, t in state.items():
+        kind = str(t.dtype).removeprefix("torch.")
+        if t.layout != torch.strided:
+            odd.append(f"{quote(name)[:80]} ({str(t.layout).removeprefix('torch.')})")
+        elif t.is_quantized or kind not in TORCH_DTYPES:
+            odd.append(f"{quote(name)[:80]} ({kind})")
+        elif t.is_meta:
+            odd.append(f"{quote(name)[:80]} (meta, no data)")
+    if odd:
+        raise UserError(f"{quote(path)}: tensors {', '.join(odd[:4])} are not dense {'/'.join(TORCH_DTYPES[:3])} "
+                        "(or integer) tensors: convert them to float32 (t.to_dense().float()) and save again")
     tensors, dtypes = {}, {}
     for name, t in state.items():
         t = t.detach().cpu()
@@ -81,7 +107,48 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
     return tensors, dtypes
 
 
+def _check_npz(path: Path) -> None:
+    """Every member's dtype and shape from its .npy header, its size from the zip directory, before inflating."""
+    def bad(why):
+        return UserError(f"{quote(path)} is not a readable .npz weights file ({why}): re-export it with mx.savez")
+
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            total = sum(m.file_size for m in members)
+            if total > NPZ_INFLATION * size + NPZ_MARGIN:
+                raise bad(f"its members inflate to {total:,} bytes from {size:,}: not a weights archive")
+            for m in members:
+                label = quote(m.filename)[:80]
+                if not m.filename.endswith(".npy"):
+                    raise bad(f"member {label} is not a .npy array")
+                with z.open(m) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise bad(f"member {label} has .npy format {version}")
+                    header_bytes = f.tell()
+                count = 1
+                for n in shape:
+                    count *= int(n)
+                if dtype.hasobject or not (dtype.kind in NPZ_DTYPE_KINDS or (dtype.kind == "V" and dtype.itemsize == 2)):
+                    raise bad(f"member {label} has dtype {dtype}: expected floating point or integer arrays")
+                if header_bytes + count * dtype.itemsize != m.file_size:
+                    raise bad(f"member {label} holds {m.file_size:,} bytes, not the {count:,} values of its shape")
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError,
+            RuntimeError, TypeError, SyntaxError) as e:
+        raise bad(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
 def _read_npz(path: Path) -> tuple[dict, dict]:
+    if zipfile.is_zipfile(path):
+        _check_npz(path)
     try:
         archive = np.load(path, allow_pickle=False)
         if not hasattr(archive, "files"):
@@ -89,12 +156,17 @@ def _read_npz(path: Path) -> tuple[dict, dict]:
         with archive:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as e:
-        raise UserError(f"{path} is not a readable .npz weights file ({e}): re-export it with mx.savez") from None
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{quote(path)} is not a readable .npz weights file ({detail}): re-export it with mx.savez"
+                        ) from None
     tensors, dtypes = {}, {}
     for name, arr in arrays.items():
         if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:  # mx.savez writes bfloat16 as raw 2-byte values
             arr = safetensors_np.bf16_to_f32(np.frombuffer(arr.tobytes(), dtype="<u2").reshape(arr.shape))
             dtypes[name] = "bfloat16"
+        elif arr.dtype.kind not in NPZ_DTYPE_KINDS:
+            raise UserError(f"{quote(path)}: array {quote(name)[:80]} has dtype {arr.dtype}: expected floating point "
+                            "or integer arrays; re-export it with mx.savez")
         else:
             dtypes[name] = str(arr.dtype)
         tensors[name] = _floats(arr)
@@ -114,12 +186,14 @@ def _neighbour_config(src: Path) -> ModelConfig:
     """The config.json beside a bare weights file: a checkpoint's (with a "model" section) or a bare config."""
     f = src.parent / checkpoint.CONFIG
     if not f.is_file():
-        raise UserError(f"{src} carries no model config: pass --preset or --config, or put its config.json beside it")
+        raise UserError(f"{quote(src)} carries no model config: pass --preset or --config, or put its config.json "
+                        "beside it")
     try:
-        data = json.loads(f.read_text())
+        data = checkpoint.read_json(f, "a model config")
         return ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
-    except (OSError, ValueError, UserError) as e:
-        raise UserError(f"cannot use {f} as the config of {src} ({e}): pass --preset or --config") from None
+    except UserError as e:
+        raise UserError(f"cannot use {quote(f)} as the config of {quote(src)} ({e}): pass --preset or --config"
+                        ) from None
 
 
 def read(src, config: ModelConfig | None = None, grid: int | None = None) -> Source:
@@ -128,13 +202,13 @@ def read(src, config: ModelConfig | None = None, grid: int | None = None) -> Sou
     kind = FILE_KINDS.get(src.suffix.lower())
     if src.is_dir() or (kind is None and not src.exists()):  # resolve() may recover an interrupted save
         if config is not None:
-            raise UserError(f"{src} is a checkpoint directory with its own config: drop --preset/--config")
+            raise UserError(f"{quote(src)} is a checkpoint directory with its own config: drop --preset/--config")
         cfg, weights, meta = checkpoint.load(src)
         return Source(cfg, weights, "checkpoint directory", _uniform(meta["weight_dtypes"]), meta.get("preset"))
     if kind is None:
-        raise UserError(f"cannot read {src}: expected {ACCEPTED}")
+        raise UserError(f"cannot read {quote(src)}: expected {ACCEPTED}")
     if not src.is_file():
-        raise UserError(f"{src} does not exist: give {ACCEPTED}")
+        raise UserError(f"{quote(src)} does not exist: give {ACCEPTED}")
     tensors, dtypes = _READERS[kind](src)
     if original.is_original(tensors):
         cfg, weights, notes = original.to_ours(tensors, grid)
@@ -152,6 +226,7 @@ def _atomic_write(path: Path, write):
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale(path.parent, path.name, "tmp")  # left by a killed convert
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -159,7 +234,7 @@ def _atomic_write(path: Path, write):
         checkpoint._fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e} -- choose a writable destination") from None
+        raise UserError(f"cannot write {quote(path)}: {e.strerror or e} -- choose a writable destination") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -208,11 +283,11 @@ _WRITERS = {"torch": _write_torch, "npz": _write_npz, "safetensors": _write_safe
 
 def _check_directory_target(src: Path, dst: Path):
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise UserError(f"DST {dst} is SRC: write the conversion to a new directory")
+        raise UserError(f"DST {quote(dst)} is SRC: write the conversion to a new directory")
     if dst.is_file():
-        raise UserError(f"{dst} is a file: give a directory, or a .pt/.npz/.safetensors file name")
+        raise UserError(f"{quote(dst)} is a file: give a directory, or a .pt/.npz/.safetensors file name")
     if dst.is_dir() and not (dst / checkpoint.CONFIG).is_file() and any(dst.iterdir()):
-        raise UserError(f"{dst} is a non-empty directory that is not a checkpoint: refusing to replace it; "
+        raise UserError(f"{quote(dst)} is a non-empty directory that is not a checkpoint: refusing to replace it; "
                         "choose a new DST")
 
 
@@ -261,7 +336,7 @@ def _weights_bytes(path: Path) -> int:
 
 def _write_quantized(src: Path, dst: Path, cfg: ModelConfig, weights, dtype: str, preset, bits, group_size) -> str:
     if cfg.quantization:
-        raise UserError(f"{src} is already quantized ({cfg.quantization['bits']}-bit): convert its float source")
+        raise UserError(f"{quote(src)} is already quantized ({cfg.quantization['bits']}-bit): convert its float source")
     _check_directory_target(src, dst)
     packed, n = quantize_weights(weights, dtype, bits, group_size)
     cfg = cfg.replace(quantization={"bits": bits, "group_size": group_size})
@@ -296,6 +371,21 @@ def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = 
     checkpoint.validate_weights(source.weights, cfg, src)
     out_dtype = dtype or source.dtype or "float32"
     kind = FILE_KINDS.get(dst.suffix.lower())
+    if quantize is not None or kind is None:  # the directory checks first: their messages are the precise ones
+        _check_directory_target(src, dst)
+        checkpoint.check_writable(dst)
+    with checkpoint.run_lock(dst):
+        wrote, note = _write(src, dst, kind, cfg, source, out_dtype, preset, quantize, group_size)
+    notes = "".join(f"; {n}" for n in source.notes)
+    return "\n".join([
+        f"read {src} ({source.what}): {len(source.weights)} tensors, {parameter_count(cfg):,} parameters, "
+        f"{source.dtype or 'mixed dtypes'}{notes}",
+        f"config: {_describe(cfg)}",
+        f"wrote {dst} ({wrote}){note}",
+    ])
+
+
+def _write(src, dst, kind, cfg, source, out_dtype, preset, quantize, group_size) -> tuple[str, str]:
     if quantize is not None:
         wrote, note = _write_quantized(src, dst, cfg, source.weights, out_dtype, preset, quantize, group_size), ""
     elif kind is None:
@@ -305,10 +395,4 @@ def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = 
     else:
         wrote = _WRITERS[kind](dst, source.weights, out_dtype)
         note = "; weights only: read it back with --preset/--config or a config.json beside it"
-    notes = "".join(f"; {n}" for n in source.notes)
-    return "\n".join([
-        f"read {src} ({source.what}): {len(source.weights)} tensors, {parameter_count(cfg):,} parameters, "
-        f"{source.dtype or 'mixed dtypes'}{notes}",
-        f"config: {_describe(cfg)}",
-        f"wrote {dst} ({wrote}){note}",
-    ])
+    return wrote, note

@@ -70,7 +70,10 @@ def _rope_base(inv_freq: np.ndarray | None, rope_dim: int) -> float:
     """inv_freq[k] = base^(-2k/rope_dim), so inv_freq[1] gives the base back (rounded: it was stored in fp32)."""
     if inv_freq is None or inv_freq.size < 2 or not 0 < float(inv_freq[1]) < 1:
         return 10000.0
-    base = float(inv_freq[1]) ** (-rope_dim / 2)
+    try:
+        base = float(inv_freq[1]) ** (-rope_dim / 2)
+    except OverflowError:  # a hostile inv_freq: ModelConfig refuses the infinite base with a message
+        return math.inf
     return float(round(base)) if abs(base - round(base)) <= 1e-3 * base else base
 
 

@@ -85,6 +85,15 @@ def _mlp(prefix, cfg):
 
 def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter name of the model, mapped to its shape, in module order."""
+    s = _float_schema(cfg)
+    if cfg.quantization:
+        from .quantize import quantized_shapes
+
+        s = quantized_shapes(s, cfg.quantization["bits"], cfg.quantization["group_size"])
+    return s
+
+
+def _float_schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d = cfg.d_model
     s = {**_linear("patch_embed", cfg.patch * cfg.patch, d, bias=True), "cls_token": (1, 1, d)}
     for i in range(cfg.enc_layers):
@@ -107,10 +116,6 @@ def schema(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.final_norm:
         s.update(_norm("decoder_norm", d))
     s.update(_linear("head", d, cfg.vocab, bias=True))
-    if cfg.quantization:
-        from .quantize import quantized_shapes
-
-        s = quantized_shapes(s, cfg.quantization["bits"], cfg.quantization["group_size"])
     return s
 
 
@@ -123,7 +128,7 @@ def numel(shape) -> int:
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    return sum(numel(shape) for shape in schema(cfg.replace(quantization=None)).values())
+    return sum(numel(shape) for shape in _float_schema(cfg).values())  # Python ints: exact however large
 
 
 def check(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], what: str = "weights") -> None:

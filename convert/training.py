@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
 
-from .errors import UserError
+import numpy as np
+from dataclasses import dataclass, asdict, fields
+
+from .errors import UserError, quote
+
+MAX_SAMPLES = 10_000_000
+MAX_BATCH = 65_536
+MAX_EPOCHS = 1_000_000
+MAX_STEPS = 2**53
 
 
 class ConfigError(UserError):
@@ -28,6 +35,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
+        for name in ("lr", "weight_decay", "eps", "min_lr_ratio", "clip", "label_smoothing"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise UserError(f"training setting {name} must be a finite number >= 0, got {v!r}")
+        for name in ("warmup_steps", "total_steps"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= MAX_STEPS:
+                raise UserError(f"training setting {name} must be an integer in [0, {MAX_STEPS}], got {v!r}")
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+            raise UserError(f"training setting betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
         if not self.lr > 0:
             raise ConfigError("lr", f"the learning rate must be > 0, got {self.lr}")
@@ -46,3 +64,66 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SPEC_INTS = {"epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_BATCH), "train_samples": (1, MAX_SAMPLES),
+              "seed": (0, 2**63 - 1)}
+_RECORD_NUMBERS = ("val_exact_match",)
+
+
+def check_run_state(state, where) -> None:
+    """Refuse a train_state.json whose fields a resume would trip over: every field a resume reads, typed."""
+    def bad(why):
+        raise UserError(f"{quote(where)} is corrupt ({why}); resume from an intact checkpoint or start a new run")
+
+    if not isinstance(state, dict):
+        bad("not a JSON object")
+    spec = state.get("spec")
+    if not isinstance(spec, dict):
+        bad("no spec object")
+    for key, (lo, hi) in _SPEC_INTS.items():
+        v = spec.get(key)
+        if not _is_int(v) or not lo <= v <= hi:
+            bad(f"spec.{key} is {v!r}, not an integer in [{lo}, {hi}]")
+    if spec.get("augment") not in (False, True, "shift", "affine"):
+        bad(f"spec.augment is {spec.get('augment')!r}")
+    train = spec.get("train")
+    known = {f.name for f in fields(TrainConfig)}
+    if not isinstance(train, dict) or not set(train) <= known:
+        bad("spec.train is not an object of training settings")
+    try:
+        TrainConfig(**train)
+    except UserError as e:
+        bad(str(e))
+    if "step" in state and (not _is_int(state["step"]) or state["step"] < 0):
+        bad(f"step is {state['step']!r}")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        bad("history is not a list of records")
+    best = state.get("best")
+    if best is not None and not (isinstance(best, dict) and all(_is_number(best.get(k)) for k in _RECORD_NUMBERS)
+                                 and _is_int(best.get("step"))):
+        bad("best is not a validation record")
+
+
+def check_optimizer_state(arrays, where) -> None:
+    """The step counter must be one non-negative integer and the moments finite."""
+    step = arrays.get("step")
+    if step is not None:
+        value = float(step.reshape(-1)[0]) if step.size == 1 else float("nan")
+        if not (math.isfinite(value) and value >= 0 and value == int(value) and value <= MAX_STEPS):
+            raise UserError(f"{quote(where)} has step {step.tolist()!r}, not a step count: it is corrupt; resume "
+                            "from an intact checkpoint or start a new run")
+    bad = [k for k, v in arrays.items() if k.startswith(("m.", "v.")) and
+           (v.dtype.kind != "f" or not np.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{quote(where)} holds non-finite or non-float optimizer moments ({', '.join(bad[:3])}): it "
+                        "is corrupt; resume from an intact checkpoint or start a new run")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from convert.checkpoint import FLOAT_DTYPES
-from convert.errors import UserError
+from convert.errors import UserError, one_line
 from convert.formats import ACCEPTED as ACCEPTED_SOURCES
 from convert.presets import DEFAULT_PRESET, PRESETS, preset_help
 from convert.quantize import BITS, GROUP_SIZES
@@ -29,21 +29,79 @@ class Parser(argparse.ArgumentParser):
         super().exit(status, message)
 
 
-def positive_int(text):
+MAX_INT = 2**63 - 1  # past this no count, step or seed means anything, and numpy would overflow
+# Upper bounds per flag, checked as the flag is parsed: what fits a machine (and a grid image) at all.
+LIMITS = {"--samples": 10_000_000, "--val-samples": 10_000_000, "--train-samples": 10_000_000, "--grid": 64,
+          "--digits": 64 * 64, "--max-length": 100_000, "--batch-size": 65_536, "--train-batch-size": 65_536,
+          "--epochs": 1_000_000, "--repeats": 100_000, "--threads": 4096}
+MAX_LENGTH = LIMITS["--max-length"]
+
+
+def _int(text):
+    text = str(text).strip()
+    if len(text.lstrip("+-")) > 19:  # refuse 10**100000 before int() spends time on it
+        raise argparse.ArgumentTypeError(f"{text[:20]}... is not an integer up to {MAX_INT}")
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
+def positive_int(text):
+    v = _int(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    if v > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT}, got {v}")
     return v
 
 
 def nonneg_int(text):
-    v = int(text) if text.lstrip("-").isdigit() else None
+    text = str(text)
+    v = _int(text) if text.strip().lstrip("-").isdigit() else None
     if v is None or v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if v > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT}, got {v}")
     return v
+
+
+def at_most(limit, parse=positive_int):
+    """`parse`, then refuse values over `limit` with a message that names the bound."""
+    def bounded(text):
+        v = parse(text)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"{v} is over the limit of {limit:,}")
+        return v
+    bounded.__name__ = parse.__name__
+    return bounded
+
+
+def length_list(text):
+    """A comma-separated list of generation lengths, each an integer up to MAX_LENGTH; kept as text (the
+    command checks the lower bound)."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts or len(parts) > 1000:
+        raise argparse.ArgumentTypeError(f"expected up to 1000 comma-separated lengths, got {text[:40]!r}")
+    check = at_most(MAX_LENGTH, _int)
+    for part in parts:
+        check(part)
+    return text
+
+
+def _apply_limits(parser):
+    """Bound every integer flag named in LIMITS, in every sub-command (the parser itself stays as built)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _apply_limits(sub)
+        elif action.dest == "lengths" and action.type is None:
+            action.type = length_list
+        else:
+            limit = next((LIMITS[o] for o in action.option_strings if o in LIMITS), None)
+            if limit is not None and action.type in (positive_int, nonneg_int):
+                action.type = at_most(limit, action.type)
+    return parser
 
 
 def positive_float(text):
@@ -225,7 +283,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = _apply_limits(build_parser()).parse_args(argv)
         from . import commands
 
         rc = getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
@@ -239,11 +297,24 @@ def main(argv=None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"mla-mnist: error: {e}", file=sys.stderr)
+        print(f"mla-mnist: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        if debug:
+            raise
+        # Only hostile input recurses this deep here (JSON nested thousands of levels, read by a JSON parser).
+        print("mla-mnist: error: an input file is nested too deeply to read (JSON with thousands of levels?): "
+              "give a flat config or checkpoint file", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mla-mnist: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last resort: anything else is a bug, still reported on one line
+        if debug:
+            raise
+        print(f"mla-mnist: internal error (a bug, please report): {type(e).__name__}: {one_line(e)[:500]}; "
+              "rerun with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The training loop both frameworks share: data stream, schedule, progress, validation, checkpoints, resume."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from convert import checkpoint, safetensors_np
 from convert.config import ModelConfig
 from convert.errors import UserError
 from convert.schema import parameter_count, schema
-from convert.training import TrainConfig
+from convert.training import TrainConfig, check_optimizer_state, check_run_state
 from mnist_grid import GridStream, decode
 from mnist_grid.grid import tokens
 from mnist_grid.metrics import counts, digit_accuracy
@@ -63,13 +64,15 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{path} has no training state ({STATE}, {OPTIMIZER}): it can be evaluated, not resumed; "
                         "resume from the --out directory of a training run")
     try:
-        state = json.loads((path / STATE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = checkpoint.read_json(path / STATE, "the training state")
+    except UserError:
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("spec"), dict):
         raise UserError(f"{path / STATE} is corrupt (not the JSON a training run writes); "
                         "resume from an intact checkpoint or start a new run")
+    check_run_state(state, path / STATE)
     arrays, _, _ = safetensors_np.read(path / OPTIMIZER)
+    check_optimizer_state(arrays, path / OPTIMIZER)
     config, _ = checkpoint.read_config(path)
     shapes = _optimizer_shapes(config)
     bad = [k for k, v in arrays.items() if k in shapes and v.shape != shapes[k]]
@@ -105,6 +108,19 @@ class Progress:
         self.bar.close()
 
 
+def _holding_out_lock(fn):
+    """Rank 0 holds `out`'s run lock for the whole run: a second training into it refuses at once."""
+    @functools.wraps(fn)
+    def locked(backend, config, spec, out, *args, rank=0, **kwargs):
+        if rank != 0:
+            return fn(backend, config, spec, out, *args, rank=rank, **kwargs)
+        checkpoint.check_writable(out)  # its messages are the precise ones for a bad --out
+        with checkpoint.run_lock(out):
+            return fn(backend, config, spec, out, *args, rank=rank, **kwargs)
+    return locked
+
+
+@_holding_out_lock
 def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None, data_dir=None,
           resume=None, init=None, val_samples=512, save_every=0, max_steps=0, bf16=False, quiet=False,
           rank=0, world=1, log=print) -> dict:
@@ -162,8 +178,9 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
             if end_of_epoch or step + 1 == stop_at:
                 train_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
                 if not math.isfinite(train_loss):
-                    raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); the last good "
-                                    f"checkpoint in {out} is kept: lower --lr")
+                    kept = (f"the last checkpoint saved in {out} is kept" if (out / checkpoint.CONFIG).is_file()
+                            else "no checkpoint was saved")
+                    raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); {kept}: lower --lr")
                 record = _validate(backend, model, trainer, val_x, val_y, epoch + (index + 1) / spec.steps_per_epoch,
                                    step + 1, train_loss, spec, time.perf_counter() - t_epoch, len(losses), rank, world)
                 history.append(record)

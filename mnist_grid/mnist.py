@@ -3,15 +3,18 @@
 import functools
 import gzip
 import hashlib
+import io
+import math
 import os
 import sys
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from convert.errors import UserError
+from convert.errors import UserError, quote
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -30,6 +33,8 @@ TIMEOUT_S = 20
 N_VAL = 5000  # last 5,000 training images, held out for validation
 
 _IDX = {2051: 3, 2049: 1}  # magic -> number of dimensions (images, labels)
+# The largest MNIST file (train images) is 47,040,016 bytes: nothing bigger is read or inflated.
+MAX_BYTES = 64 * 2**20
 _verified = set()
 
 
@@ -53,26 +58,49 @@ def _find(directory, name):
     return None
 
 
+def _bad_header(path):
+    return UserError(f"{quote(path)} has a wrong IDX header or size (not an MNIST file, or truncated); "
+                     "delete it and re-download it")
+
+
+def _expected_size(path, head):
+    """Bytes an IDX file must have, from its header alone (Python ints: dimensions cannot overflow)."""
+    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+    ndim = _IDX.get(magic)
+    if ndim is None or len(head) < 4 + 4 * ndim:
+        raise _bad_header(path)
+    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return 4 + 4 * ndim + math.prod(dims)
+
+
 def _read(path):
+    """The decompressed bytes, never more than MAX_BYTES; a plain file's header is checked against its size
+    before the rest is read."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read {path} ({e}); delete it and re-download") from None
+                data = f.read(MAX_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(16)
+                if _expected_size(path, head) != os.fstat(f.fileno()).st_size:
+                    raise _bad_header(path)
+                data = head + f.read(MAX_BYTES + 1 - len(head))
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"cannot read {quote(path)} ({e}); delete it and re-download") from None
+    if len(data) > MAX_BYTES:
+        raise UserError(f"{quote(path)} holds more than {MAX_BYTES:,} bytes: it is not an MNIST file; "
+                        "delete it and re-download it")
+    return data
 
 
 def _parse(path, data):
     """Array from IDX bytes, after checking magic, dimensions and size."""
-    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
-    ndim = _IDX.get(magic)
-    header = 4 + 4 * (ndim or 0)
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim or 0)]
-    if ndim is None or len(data) < header or len(data) != header + int(np.prod(dims)):
-        raise UserError(f"{path} has a wrong IDX header or size (not an MNIST file, or truncated); "
-                        "delete it and re-download it")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if len(data) != _expected_size(path, data[:16]):
+        raise _bad_header(path)
+    ndim = _IDX[int.from_bytes(data[:4], "big")]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _verify(path, name, data):
@@ -81,7 +109,7 @@ def _verify(path, name, data):
         return
     digest = hashlib.md5(data).hexdigest()
     if digest != MD5[name]:
-        raise UserError(f"checksum mismatch for {path}: md5 {digest}, expected {MD5[name]}; "
+        raise UserError(f"checksum mismatch for {quote(path)}: md5 {digest}, expected {MD5[name]}; "
                         "the file is corrupt or not the original MNIST, delete it and re-download")
     _verified.add(key)
 
@@ -99,8 +127,10 @@ def _fetch(directory, name):
     for mirror in MIRRORS:
         try:
             with urllib.request.urlopen(mirror + name + ".gz", timeout=TIMEOUT_S) as r:
-                blob = r.read()
-            if hashlib.md5(gzip.decompress(blob)).hexdigest() != MD5[name]:
+                blob = r.read(MAX_BYTES + 1)
+            with gzip.GzipFile(fileobj=io.BytesIO(blob)) as g:
+                content = g.read(MAX_BYTES + 1)
+            if len(blob) > MAX_BYTES or hashlib.md5(content).hexdigest() != MD5[name]:
                 raise ValueError("checksum mismatch")
         except Exception as e:  # any network or format failure: try the next mirror
             errors.append(f"{mirror}: {e}")
@@ -122,7 +152,7 @@ def _download(directory, names):
         directory.mkdir(parents=True, exist_ok=True)
         errors = [_fetch(directory, name) for name in names]
     except OSError as e:
-        raise UserError(f"cannot write the MNIST directory {directory} ({e.strerror or e}); "
+        raise UserError(f"cannot write the MNIST directory {quote(directory)} ({e.strerror or e}); "
                         "pass --data-dir or set MLA_MNIST_DIR to a writable directory") from None
     return [e for e in errors if e]
 
@@ -132,7 +162,7 @@ def _load_cached(directory, split):
     arrays = [_load_file(_find(Path(directory), name), name) for name in FILES[split]]
     images, labels = arrays
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise UserError(f"the MNIST {split} files in {directory} do not match each other; "
+        raise UserError(f"the MNIST {split} files in {quote(directory)} do not match each other; "
                         "delete them and re-download")
     return images, labels
 
@@ -148,7 +178,7 @@ def load_split(split, data_dir=None, download=True):
     if missing:
         why = f" (download failed: {errors[0]})" if errors else ""
         raise UserError(
-            f"MNIST files missing from {directory}: {', '.join(missing)}{why}; put them there "
+            f"MNIST files missing from {quote(directory)}: {', '.join(missing)}{why}; put them there "
             "(plain or .gz), or point --data-dir or MLA_MNIST_DIR at a directory that has them")
     return _load_cached(str(directory), split)
 
