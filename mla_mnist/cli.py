@@ -199,7 +199,7 @@ def parity_parser(sub):
     q.add_argument("--plot", type=Path, help="write a PNG of max relative difference per layer")
     q.add_argument("--tolerance", action="append", metavar="DTYPE=X",
                    help="override a dtype's max relative difference (layers and logits); also DTYPE.layer=X, "
-                        f"DTYPE.logits=X, DTYPE.agreement=X. Defaults: {tolerance_help()}")
+                        f"DTYPE.logits=X, DTYPE.agreement=X. Defaults: {tolerance_help().replace('%', '%%')}")
     q.add_argument("--device", default="auto", help="auto, cpu or gpu, for both frameworks")
     q.add_argument("--preset", choices=PRESETS, help="config of a weights file without one")
     q.add_argument("--config", type=Path, help="a model config JSON for a weights file without one")

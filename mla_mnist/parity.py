@@ -69,12 +69,14 @@ class Tolerance:
     min_sequence_agreement: float  # whole greedy read-outs equal, fraction of the grids
 
 
-# Measured on the shipped small checkpoint and on tiny checkpoints trained for a few steps in each framework
-# (docs/parity.md has the numbers): 10x the largest float32 drift, 4x the largest bfloat16/float16 drift.
+# Derived from measurements (docs/parity.md has them): the shipped small checkpoint and tiny checkpoints trained
+# for 10 steps in each framework, 16 test grids, CPU. Layers and logits: 10x the largest float32 drift, 4x the
+# largest bfloat16/float16 drift, rounded up. Greedy: every read-out agreed in every measurement; the minimum
+# allows 4x the ~3% of grids that bf16 changes on a briefly trained model (tests/test_parity.py), 1% for fp16.
 TOLERANCES = {
-    "float32": Tolerance(layer=1e-5, logits=1e-5, min_sequence_agreement=1.0),
-    "bfloat16": Tolerance(layer=0.1, logits=0.1, min_sequence_agreement=0.9),
-    "float16": Tolerance(layer=0.02, logits=0.02, min_sequence_agreement=0.95),
+    "float32": Tolerance(layer=7e-5, logits=3e-5, min_sequence_agreement=1.0),  # measured 6.3e-6, 2.3e-6
+    "bfloat16": Tolerance(layer=0.3, logits=0.2, min_sequence_agreement=0.88),  # measured 6.9e-2, 4.3e-2
+    "float16": Tolerance(layer=0.03, logits=0.05, min_sequence_agreement=0.96),  # measured 7.7e-3, 1.1e-2
 }
 
 

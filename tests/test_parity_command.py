@@ -153,3 +153,13 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"mla-mnist {metadata.version('mla-mnist')}"
+
+
+def test_help_states_the_default_tolerances(capsys):
+    from mla_mnist.parity import TOLERANCES
+
+    with pytest.raises(SystemExit):
+        main(["parity", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for dtype, t in TOLERANCES.items():
+        assert f"{dtype}: layers {t.layer:g}, logits {t.logits:g}" in text
