@@ -76,7 +76,7 @@ class Tolerance:
 TOLERANCES = {
     "float32": Tolerance(layer=7e-5, logits=3e-5, min_sequence_agreement=1.0),  # measured 6.3e-6, 2.3e-6
     "bfloat16": Tolerance(layer=0.3, logits=0.2, min_sequence_agreement=0.88),  # measured 6.9e-2, 4.3e-2
-    "float16": Tolerance(layer=0.03, logits=0.05, min_sequence_agreement=0.96),  # measured 7.7e-3, 1.1e-2
+    "float16": Tolerance(layer=0.04, logits=0.05, min_sequence_agreement=0.96),  # measured 7.9e-3, 1.1e-2
 }
 
 
