@@ -163,3 +163,32 @@ def test_help_states_the_default_tolerances(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for dtype, t in TOLERANCES.items():
         assert f"{dtype}: layers {t.layer:g}, logits {t.logits:g}" in text
+
+
+def test_tolerance_overrides_and_the_first_failure_is_the_earliest_boundary():
+    from mla_mnist.parity import TOLERANCES, _first_failure, parse_tolerances
+
+    t = parse_tolerances(["float32=1e-3", "bfloat16.logits=0.5", "float16.agreement=0.5"])
+    assert (t["float32"].layer, t["float32"].logits) == (1e-3, 1e-3)
+    assert (t["bfloat16"].layer, t["bfloat16"].logits) == (TOLERANCES["bfloat16"].layer, 0.5)
+    assert t["float16"].min_sequence_agreement == 0.5
+
+    def layers(over):
+        return [{"boundary": b, "max_rel": 1.0 if b == over else 0.0, "tolerance": 0.1, "ok": b != over}
+                for b in ("patch_embed", "encoder.0", "decoder.0", "logits")]
+    report = {"boundaries": ["patch_embed", "encoder.0", "decoder.0", "logits"], "greedy": [], "round_trip": [],
+              "activations": [{"pair": "a", "dtype": "float32", "ok": False, "first_over": "decoder.0",
+                               "layers": layers("decoder.0")},
+                              {"pair": "b", "dtype": "bfloat16", "ok": False, "first_over": "encoder.0",
+                               "layers": layers("encoder.0")}]}
+    f = _first_failure(report)
+    assert (f["check"], f["boundary"], f["pair"], f["dtype"]) == ("activations", "encoder.0", "b", "bfloat16")
+
+
+def test_one_framework_compares_each_dtype_with_float32(tiny_torch, tmp_path, capsys):
+    rc, out = _parity(capsys, tiny_torch, "--frameworks", "torch", "--dtype", "float32,float16", "--modes", "absorbed",
+                      "--json", tmp_path / "p.json")
+    assert rc == 0, out.out
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert [(a["pair"], a["dtype"]) for a in r["activations"]] == [("torch f16 vs f32", "float16")]
+    assert [(t["saved_by"], t["loaded_by"], t["exact"]) for t in r["round_trip"]] == [("torch", "torch", True)]
