@@ -1,4 +1,4 @@
-"""`mla-mnist`: train, eval, predict, show, make-grid, convert, bench.
+"""`mla-mnist`: train, eval, predict, show, make-grid, convert, bench, parity, info.
 
 Every user-fixable problem is a UserError: one line on stderr, exit code 2, no traceback (--debug shows it).
 """
@@ -154,6 +154,9 @@ EXAMPLES = {
 def build_parser() -> Parser:
     p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .info import package_version
+
+    p.add_argument("--version", action="version", version=f"mla-mnist {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name, help):
@@ -276,7 +279,47 @@ def build_parser() -> Parser:
     b.add_argument("--plot", type=Path, help="the PNG file (default OUT/bench.png)")
     b.add_argument("--force", action="store_true", help="replace existing result files")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    parity_parser(sub)
+
+    i = sub.add_parser("info", help="a checkpoint's config, size, dtype, quantization and training summary",
+                       epilog="example:\n  mla-mnist info mla_mnist/checkpoints/small", formatter_class=HelpFormatter)
+    i.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="a checkpoint directory (default: the shipped small model)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def parity_parser(sub):
+    from .parity import DEFAULT_DTYPES, DEFAULT_SAMPLES, tolerance_help
+
+    q = sub.add_parser("parity", help="compare a model across frameworks and dtypes: per-layer drift, greedy "
+                                      "read-outs, round trip",
+                       description="REFERENCE runs in the first of --frameworks, CANDIDATE (default: REFERENCE) "
+                                   "in the second. Exit 0: every comparison within tolerance; 1: one is not; "
+                                   "2: bad input. See docs/parity.md.",
+                       epilog="example:\n  mla-mnist parity mla_mnist/checkpoints/small\n"
+                              "  mla-mnist parity runs/tiny tiny.npz --frameworks torch,mlx --json parity.json",
+                       formatter_class=HelpFormatter)
+    q.add_argument("reference", type=Path, help="checkpoint directory (quantized too), .pt/.npz/.safetensors, or an "
+                                                "original-format state_dict")
+    q.add_argument("candidate", type=Path, nargs="?", help="the same kinds; default REFERENCE")
+    q.add_argument("--frameworks", help=f"one or two of {', '.join(FRAMEWORKS)} (default: those installed, in "
+                                        f"that order)")
+    q.add_argument("--dtype", default=",".join(DEFAULT_DTYPES), help=f"comma-separated of {', '.join(FLOAT_DTYPES)} "
+                                                                     f"(default %(default)s)")
+    q.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help="test grids (default %(default)s)")
+    q.add_argument("--modes", help="decode modes, comma-separated (default: every one the model has of absorbed, "
+                                   "expanded, uncached)")
+    q.add_argument("--json", type=Path, help="write the report as JSON (schema in docs/parity.md)")
+    q.add_argument("--plot", type=Path, help="write a PNG of max relative difference per layer")
+    q.add_argument("--tolerance", action="append", metavar="DTYPE=X",
+                   help="override a dtype's max relative difference (layers and logits); also DTYPE.layer=X, "
+                        f"DTYPE.logits=X, DTYPE.agreement=X. Defaults: {tolerance_help().replace('%', '%%')}")
+    q.add_argument("--device", default="auto", help="auto, cpu or gpu, for both frameworks")
+    q.add_argument("--preset", choices=PRESETS, help="config of a weights file without one")
+    q.add_argument("--config", type=Path, help="a model config JSON for a weights file without one")
+    q.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
+    q.add_argument("--data-dir", help="folder with the four MNIST files (else $MLA_MNIST_DIR, else a cache)")
 
 
 def main(argv=None) -> int:

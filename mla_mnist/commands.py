@@ -211,3 +211,34 @@ def cmd_bench(args):
     for path in (args.json, args.plot):  # before the run, not after it
         _refuse_overwrite(path, args.force, "bench", "output")
     run(args)
+
+
+def cmd_parity(args):
+    from convert.checkpoint import FLOAT_DTYPES
+
+    from .backends import FRAMEWORKS
+    from .parity import format_report, parse_list, parse_tolerances, plot_drift, run_parity, write_json
+
+    cfg = None
+    if args.config is not None or args.preset:
+        cfg, _ = _config(args)
+    report = run_parity(args.reference, args.candidate,
+                        frameworks=parse_list(args.frameworks, FRAMEWORKS, "--frameworks", ()) or None,
+                        dtypes=parse_list(args.dtype, FLOAT_DTYPES, "--dtype", ()),
+                        samples=args.samples,
+                        modes=parse_list(args.modes, ("absorbed", "expanded", "uncached"), "--modes", ()) or None,
+                        tolerances=parse_tolerances(args.tolerance), device=args.device, config=cfg,
+                        grid=args.grid, data_dir=args.data_dir)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot_drift(report, args.plot)
+    return 0 if report["passed"] else 1
+
+
+def cmd_info(args):
+    from .info import format_info, info
+
+    d = info(args.checkpoint)
+    print(json.dumps(d) if args.json else format_info(d))

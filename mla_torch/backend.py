@@ -167,6 +167,12 @@ class Backend:
         """Cross-attention weights [B, dec_layers, heads, T, 1 + N] (mla_torch.generate.cross_attention_weights)."""
         return self.numpy(cross_attention_weights(model, self.array(images), self.array(tokens)))
 
+    def trace(self, model, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Activations at every boundary, teacher-forced on tokens, as float32 numpy (EncoderDecoder.trace)."""
+        with torch.no_grad():
+            out = model.eval().trace(self.array(images), self.array(np.asarray(tokens, dtype=np.int64)))
+        return {k: self.numpy(v) for k, v in out.items()}
+
     # ---- data parallel ------------------------------------------------------------------------------
     def init_distributed(self) -> tuple[int, int]:
         """Join the group torchrun set up (env:// rendezvous: MASTER_ADDR, RANK, WORLD_SIZE, LOCAL_RANK)."""

@@ -123,6 +123,26 @@ class EncoderDecoder(nn.Module):
     def forward(self, images, tokens):
         return self.decode(tokens, self.memories(self.encode(images)))
 
+    def trace(self, images, tokens) -> dict:
+        """The activations at every boundary, teacher-forced on tokens [B, T] (expanded form, as forward()):
+        patch_embed (class token + patches), encoder.<i>, encoder_out, decoder.<i>, logits; in boundary order.
+        mla_mlx's EncoderDecoder.trace is the same code (mla-mnist parity compares the two)."""
+        out = {}
+        x = (images.to(self.head.weight.dtype) - MNIST_MEAN) / MNIST_STD
+        x = self.patch_embed(patchify(x, self.config.patch))
+        x = out["patch_embed"] = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        for i, layer in enumerate(self.encoder):
+            x = out[f"encoder.{i}"] = layer(x)
+        enc = out["encoder_out"] = self.encoder_norm(x) if self.encoder_norm is not None else x
+        memories = self.memories(enc)
+        x = self.token_embed(tokens)
+        for i, layer in enumerate(self.decoder):
+            x = out[f"decoder.{i}"] = layer(x, memories[i])
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        out["logits"] = self.head(x)
+        return out
+
     def new_cache(self, batch, max_length, memories, absorbed: bool = False, quantized: bool = False):
         """Each decoder layer's self-attention cache for `max_length` positions, with the memories; absorbed=True
         derives the folded projections the absorbed step uses, once, now."""
