@@ -7,6 +7,7 @@ is left at a `.NAME.old-*` path and `resolve()` moves it back, so there is alway
 Temporary names carry the writer's pid: a save removes only those of processes that are gone, never those of
 a live writer. `run_lock()` keeps a second process from writing the same destination at all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,8 +107,10 @@ def run_lock(path):
                     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
                     os.close(fd)
                     fd = None
-                    raise UserError(f"{quote(path)} is being written by another process (pid {holder}): wait for "
-                                    "it or choose another --out") from None
+                    raise UserError(
+                        f"{quote(path)} is being written by another process (pid {holder}): wait for "
+                        "it or choose another --out"
+                    ) from None
                 try:
                     same = os.fstat(fd).st_ino == os.stat(lock).st_ino
                 except FileNotFoundError:
@@ -119,8 +122,7 @@ def run_lock(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
         except OSError as e:
-            raise UserError(f"cannot write {quote(path)}: {e.strerror or e} -- choose a writable destination"
-                            ) from None
+            raise UserError(f"cannot write {quote(path)}: {e.strerror or e} -- choose a writable destination") from None
         yield
     finally:
         if fd is not None:
@@ -175,14 +177,20 @@ def resolve(path) -> Path:
             except OSError:  # read-only location: read the previous checkpoint where it lies
                 return olds[-1]
         else:
-            raise UserError(f"checkpoint {quote(path)} does not exist: pass a directory written by `mla-mnist train` "
-                            "or `mla-mnist convert`")
+            raise UserError(
+                f"checkpoint {quote(path)} does not exist: pass a directory written by `mla-mnist train` "
+                "or `mla-mnist convert`"
+            )
     if not path.is_dir():
-        raise UserError(f"{quote(path)} is not a checkpoint directory (expected a folder with {CONFIG} and {WEIGHTS}); "
-                        "use `mla-mnist convert` to turn a weights file into one")
+        raise UserError(
+            f"{quote(path)} is not a checkpoint directory (expected a folder with {CONFIG} and {WEIGHTS}); "
+            "use `mla-mnist convert` to turn a weights file into one"
+        )
     if not (path / CONFIG).is_file():
-        raise UserError(f"{quote(path)} has no {CONFIG}: it is not a checkpoint directory; pass a directory written by "
-                        "`mla-mnist train`, or make one from a weights file with `mla-mnist convert`")
+        raise UserError(
+            f"{quote(path)} has no {CONFIG}: it is not a checkpoint directory; pass a directory written by "
+            "`mla-mnist train`, or make one from a weights file with `mla-mnist convert`"
+        )
     return path
 
 
@@ -191,19 +199,27 @@ def check_writable(path) -> None:
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
-            raise UserError(f"{quote(path)} exists and is not a directory: choose another output path for the checkpoint")
+            raise UserError(
+                f"{quote(path)} exists and is not a directory: choose another output path for the checkpoint"
+            )
         if not (path / CONFIG).is_file() and any(path.iterdir()):
-            raise UserError(f"{quote(path)} is a folder that is not a checkpoint and is not empty; saving would replace "
-                            "its contents: choose a new or empty output directory")
+            raise UserError(
+                f"{quote(path)} is a folder that is not a checkpoint and is not empty; saving would replace "
+                "its contents: choose a new or empty output directory"
+            )
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"cannot write checkpoint to {quote(path)}: {quote(ancestor)} is a file, not a directory -- "
-                        "choose a writable output directory")
+        raise UserError(
+            f"cannot write checkpoint to {quote(path)}: {quote(ancestor)} is a file, not a directory -- "
+            "choose a writable output directory"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write checkpoint to {quote(path)}: {quote(ancestor)} is not writable -- "
-                        "choose a writable output directory")
+        raise UserError(
+            f"cannot write checkpoint to {quote(path)}: {quote(ancestor)} is not writable -- "
+            "choose a writable output directory"
+        )
 
 
 def write_json(path: Path, obj):
@@ -212,9 +228,17 @@ def write_json(path: Path, obj):
         f.write("\n")
 
 
-def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str | None = None,
-         preset: str | None = None, metrics: dict | None = None, files: dict | None = None,
-         keep: tuple[str, ...] = ()) -> Path:
+def save(
+    path,
+    config: ModelConfig,
+    weights: dict[str, np.ndarray],
+    *,
+    dtype: str | None = None,
+    preset: str | None = None,
+    metrics: dict | None = None,
+    files: dict | None = None,
+    keep: tuple[str, ...] = (),
+) -> Path:
     """Atomically (re)write the checkpoint directory `path`.
 
     files: extra {name: bytes | callable(Path)} written inside; keep: names carried over from the previous
@@ -238,12 +262,16 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         remove(tmp)
         tmp.mkdir()
     except OSError as e:
-        raise UserError(f"cannot write checkpoint to {where}: {e.strerror} -- choose a writable --out directory") from None
+        raise UserError(
+            f"cannot write checkpoint to {where}: {e.strerror} -- choose a writable --out directory"
+        ) from None
     try:
         wdtype = dtype or _dtype_of(weights)
         safetensors_np.write(tmp / WEIGHTS, weights, dtype=wdtype, metadata={"format": "pt"})
-        write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, "preset": preset, "dtype": wdtype,
-                                  "model": config.to_dict()})
+        write_json(
+            tmp / CONFIG,
+            {"format_version": FORMAT_VERSION, "preset": preset, "dtype": wdtype, "model": config.to_dict()},
+        )
         if metrics is not None:
             write_json(tmp / METRICS, metrics)
         for name, content in (files or {}).items():
@@ -277,7 +305,9 @@ def save(path, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype: st
         remove_stale(parent, path.name, "old")
     except OSError as e:
         remove(tmp)
-        raise UserError(f"cannot write checkpoint to {where}: {e.strerror} -- choose a writable --out directory") from None
+        raise UserError(
+            f"cannot write checkpoint to {where}: {e.strerror} -- choose a writable --out directory"
+        ) from None
     except BaseException:
         remove(tmp)
         raise
@@ -304,16 +334,24 @@ def read_config(path) -> tuple[ModelConfig, dict]:
 
 def validate_weights(weights: dict[str, np.ndarray], config: ModelConfig, where) -> None:
     check(config, {k: v.shape for k, v in weights.items()}, what=f"weights in {quote(where)}")
-    packed = {k for k in weights if k.endswith(".weight") and f"{k[:-len('.weight')]}.scales" in weights} \
-        if config.quantization else set()
-    bad_dtype = [f"{k} ({v.dtype})" for k, v in weights.items()
-                 if v.dtype.kind != "f" and not (k in packed and v.dtype == np.uint32)]
+    packed = (
+        {k for k in weights if k.endswith(".weight") and f"{k[: -len('.weight')]}.scales" in weights}
+        if config.quantization
+        else set()
+    )
+    bad_dtype = [
+        f"{k} ({v.dtype})"
+        for k, v in weights.items()
+        if v.dtype.kind != "f" and not (k in packed and v.dtype == np.uint32)
+    ]
     if bad_dtype:
         raise UserError(f"weights in {quote(where)} must be floating point; got {', '.join(bad_dtype[:4])}")
     nonfinite = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if nonfinite:
-        raise UserError(f"weights in {quote(where)} contain NaN or Inf ({', '.join(nonfinite[:4])}): "
-                        "the training run diverged or the file is corrupt; use an earlier checkpoint")
+        raise UserError(
+            f"weights in {quote(where)} contain NaN or Inf ({', '.join(nonfinite[:4])}): "
+            "the training run diverged or the file is corrupt; use an earlier checkpoint"
+        )
 
 
 def load(path, which: str = WEIGHTS) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
@@ -335,6 +373,7 @@ def read_metrics(path) -> dict:
         return {}
     data = read_json(f, f"the checkpoint's {METRICS} (delete it or save again)")
     if not isinstance(data, dict):
-        raise UserError(f"{quote(f)} is not a JSON object: the checkpoint is corrupt; delete {METRICS} "
-                        "or save it again")
+        raise UserError(
+            f"{quote(f)} is not a JSON object: the checkpoint is corrupt; delete {METRICS} or save it again"
+        )
     return data

@@ -1,4 +1,5 @@
 """ModelConfig: the single source of truth for every hyper-parameter, shared by both frameworks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,16 @@ MAX_MLP_RATIO = 64
 MAX_PARAMETERS = 2_000_000_000
 _INTS = ("grid", "patch", "d_model", "enc_layers", "dec_layers", "heads", "mlp_ratio")
 _RANKS = ("enc_kv_rank", "enc_q_rank", "dec_kv_rank", "dec_q_rank", "cross_kv_rank")
-_LIMITS = {"grid": MAX_GRID, "patch": MAX_GRID * CELL, "d_model": MAX_WIDTH, "enc_layers": MAX_LAYERS,
-           "dec_layers": MAX_LAYERS, "heads": MAX_HEADS, "mlp_ratio": MAX_MLP_RATIO,
-           **{name: MAX_WIDTH for name in ("head_dim", "rope_dim", *_RANKS)}}
+_LIMITS = {
+    "grid": MAX_GRID,
+    "patch": MAX_GRID * CELL,
+    "d_model": MAX_WIDTH,
+    "enc_layers": MAX_LAYERS,
+    "dec_layers": MAX_LAYERS,
+    "heads": MAX_HEADS,
+    "mlp_ratio": MAX_MLP_RATIO,
+    **{name: MAX_WIDTH for name in ("head_dim", "rope_dim", *_RANKS)},
+}
 
 
 def _is_int(v) -> bool:
@@ -135,11 +143,18 @@ class ModelConfig:
         if not _is_int(self.vocab) or self.vocab != VOCAB:
             bad(f"vocab must be {VOCAB}, got {self.vocab!r}")
         q = self.quantization
-        if q is not None and not (isinstance(q, dict) and set(q) == {"bits", "group_size"}
-                                  and _is_int(q["bits"]) and q["bits"] in BITS
-                                  and _is_int(q["group_size"]) and q["group_size"] in GROUP_SIZES):
-            bad(f"quantization must be {{\"bits\": {'|'.join(map(str, BITS))}, \"group_size\": "
-                f"{'|'.join(map(str, GROUP_SIZES))}}}, got {q!r}")
+        if q is not None and not (
+            isinstance(q, dict)
+            and set(q) == {"bits", "group_size"}
+            and _is_int(q["bits"])
+            and q["bits"] in BITS
+            and _is_int(q["group_size"])
+            and q["group_size"] in GROUP_SIZES
+        ):
+            bad(
+                f'quantization must be {{"bits": {"|".join(map(str, BITS))}, "group_size": '
+                f"{'|'.join(map(str, GROUP_SIZES))}}}, got {q!r}"
+            )
 
     def validate(self):
         def bad(msg):
@@ -169,7 +184,7 @@ class ModelConfig:
 
     # ---- presets and JSON ----------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name].model, **overrides})
@@ -178,13 +193,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         if not isinstance(d, dict):
             raise UserError(f"model config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}")
+            raise UserError(
+                f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}"
+            )
         try:
             return cls(**d)
         except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
@@ -194,7 +211,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -203,7 +220,7 @@ class ModelConfig:
             raise UserError("config JSON is nested too deeply to be a model config") from None
         return cls.from_dict(d)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 

@@ -7,6 +7,7 @@ Multiply-adds count 2 FLOPs; norms, softmax and GELU are not counted. For one im
 The layer's Linear weights come from `schema`, so MLA's low-rank projections, MHA's and GQA's full-rank ones
 are each counted as they are built.
 """
+
 from __future__ import annotations
 
 from .config import ModelConfig
@@ -17,8 +18,12 @@ def encoder_flops(cfg: ModelConfig) -> int:
     cfg = cfg.replace(quantization=None)
     shapes = schema(cfg)
     t = cfg.enc_tokens
-    per_layer = sum(n_out * n_in for name, (n_out, *rest) in shapes.items() for n_in in rest[:1]
-                    if name.startswith("encoder.0.") and name.endswith(".weight") and len(rest) == 1)
+    per_layer = sum(
+        n_out * n_in
+        for name, (n_out, *rest) in shapes.items()
+        for n_in in rest[:1]
+        if name.startswith("encoder.0.") and name.endswith(".weight") and len(rest) == 1
+    )
     attention = 2 * 2 * cfg.heads * t * t * cfg.head_dim
-    patch_embed = 2 * cfg.num_patches * cfg.patch ** 2 * cfg.d_model
+    patch_embed = 2 * cfg.num_patches * cfg.patch**2 * cfg.d_model
     return patch_embed + cfg.enc_layers * (2 * t * per_layer + attention)

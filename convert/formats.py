@@ -5,6 +5,7 @@ directory, a torch .pt/.pth state_dict (ours or the original implementation's), 
 file. Destinations: a checkpoint directory, or a bare weights file (.pt/.pth, .npz, .safetensors), written
 atomically. --quantize writes a checkpoint directory in MLX's affine group format (see convert.quantize).
 """
+
 from __future__ import annotations
 
 import os
@@ -71,19 +72,24 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
     except Exception as e:  # UnpicklingError for code-running pickles; others for truncated or foreign files
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])[:200]
-        raise UserError(f"refused to load {quote(path)}: it is not a plain tensor state_dict ({detail}); loading it "
-                        "could run code or it is corrupt -- re-export it with torch.save(model.state_dict(), path)"
-                        ) from None
+        raise UserError(
+            f"refused to load {quote(path)}: it is not a plain tensor state_dict ({detail}); loading it "
+            "could run code or it is corrupt -- re-export it with torch.save(model.state_dict(), path)"
+        ) from None
     state = obj
     if isinstance(obj, dict):
         state = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(state, dict) or not state:
-        raise UserError(f"{quote(path)} holds a {type(state).__name__}, not a state_dict of tensors: "
-                        "save model.state_dict() with torch.save")
+        raise UserError(
+            f"{quote(path)} holds a {type(state).__name__}, not a state_dict of tensors: "
+            "save model.state_dict() with torch.save"
+        )
     not_names = [quote(repr(k))[:40] for k in state if not isinstance(k, str)]
     if not_names:
-        raise UserError(f"{quote(path)}: keys {', '.join(not_names[:4])} are not strings: a state_dict maps "
-                        "parameter names to tensors; save model.state_dict()")
+        raise UserError(
+            f"{quote(path)}: keys {', '.join(not_names[:4])} are not strings: a state_dict maps "
+            "parameter names to tensors; save model.state_dict()"
+        )
     not_tensors = [quote(k)[:80] for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise UserError(f"{quote(path)}: entries {', '.join(not_tensors[:4])} are not tensors: save model.state_dict()")
@@ -97,8 +103,10 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
         elif t.is_meta:
             odd.append(f"{quote(name)[:80]} (meta, no data)")
     if odd:
-        raise UserError(f"{quote(path)}: tensors {', '.join(odd[:4])} are not dense {'/'.join(TORCH_DTYPES[:3])} "
-                        "(or integer) tensors: convert them to float32 (t.to_dense().float()) and save again")
+        raise UserError(
+            f"{quote(path)}: tensors {', '.join(odd[:4])} are not dense {'/'.join(TORCH_DTYPES[:3])} "
+            "(or integer) tensors: convert them to float32 (t.to_dense().float()) and save again"
+        )
     tensors, dtypes = {}, {}
     for name, t in state.items():
         t = t.detach().cpu()
@@ -109,6 +117,7 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
 
 def _check_npz(path: Path) -> None:
     """Every member's dtype and shape from its .npy header, its size from the zip directory, before inflating."""
+
     def bad(why):
         return UserError(f"{quote(path)} is not a readable .npz weights file ({why}): re-export it with mx.savez")
 
@@ -135,14 +144,25 @@ def _check_npz(path: Path) -> None:
                 count = 1
                 for n in shape:
                     count *= int(n)
-                if dtype.hasobject or not (dtype.kind in NPZ_DTYPE_KINDS or (dtype.kind == "V" and dtype.itemsize == 2)):
+                if dtype.hasobject or not (
+                    dtype.kind in NPZ_DTYPE_KINDS or (dtype.kind == "V" and dtype.itemsize == 2)
+                ):
                     raise bad(f"member {label} has dtype {dtype}: expected floating point or integer arrays")
                 if header_bytes + count * dtype.itemsize != m.file_size:
                     raise bad(f"member {label} holds {m.file_size:,} bytes, not the {count:,} values of its shape")
     except UserError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError,
-            RuntimeError, TypeError, SyntaxError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        ValueError,
+        EOFError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+        TypeError,
+        SyntaxError,
+    ) as e:
         raise bad(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
 
 
@@ -157,16 +177,19 @@ def _read_npz(path: Path) -> tuple[dict, dict]:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as e:
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{quote(path)} is not a readable .npz weights file ({detail}): re-export it with mx.savez"
-                        ) from None
+        raise UserError(
+            f"{quote(path)} is not a readable .npz weights file ({detail}): re-export it with mx.savez"
+        ) from None
     tensors, dtypes = {}, {}
     for name, arr in arrays.items():
         if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:  # mx.savez writes bfloat16 as raw 2-byte values
             arr = safetensors_np.bf16_to_f32(np.frombuffer(arr.tobytes(), dtype="<u2").reshape(arr.shape))
             dtypes[name] = "bfloat16"
         elif arr.dtype.kind not in NPZ_DTYPE_KINDS:
-            raise UserError(f"{quote(path)}: array {quote(name)[:80]} has dtype {arr.dtype}: expected floating point "
-                            "or integer arrays; re-export it with mx.savez")
+            raise UserError(
+                f"{quote(path)}: array {quote(name)[:80]} has dtype {arr.dtype}: expected floating point "
+                "or integer arrays; re-export it with mx.savez"
+            )
         else:
             dtypes[name] = str(arr.dtype)
         tensors[name] = _floats(arr)
@@ -186,14 +209,16 @@ def _neighbour_config(src: Path) -> ModelConfig:
     """The config.json beside a bare weights file: a checkpoint's (with a "model" section) or a bare config."""
     f = src.parent / checkpoint.CONFIG
     if not f.is_file():
-        raise UserError(f"{quote(src)} carries no model config: pass --preset or --config, or put its config.json "
-                        "beside it")
+        raise UserError(
+            f"{quote(src)} carries no model config: pass --preset or --config, or put its config.json beside it"
+        )
     try:
         data = checkpoint.read_json(f, "a model config")
         return ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
     except UserError as e:
-        raise UserError(f"cannot use {quote(f)} as the config of {quote(src)} ({e}): pass --preset or --config"
-                        ) from None
+        raise UserError(
+            f"cannot use {quote(f)} as the config of {quote(src)} ({e}): pass --preset or --config"
+        ) from None
 
 
 def read(src, config: ModelConfig | None = None, grid: int | None = None) -> Source:
@@ -255,9 +280,11 @@ def _write_npz(path, weights, dtype):
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(f, **arrays)
+
     _atomic_write(path, write)
-    return ".npz weights, " + ("bfloat16 values stored as float32: numpy has no bfloat16" if dtype == "bfloat16"
-                               else dtype)
+    return ".npz weights, " + (
+        "bfloat16 values stored as float32: numpy has no bfloat16" if dtype == "bfloat16" else dtype
+    )
 
 
 def _write_torch(path, weights, dtype):
@@ -269,6 +296,7 @@ def _write_torch(path, weights, dtype):
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(tensors, f)
+
     _atomic_write(path, write)
     return f"torch state_dict, {dtype}"
 
@@ -287,8 +315,9 @@ def _check_directory_target(src: Path, dst: Path):
     if dst.is_file():
         raise UserError(f"{quote(dst)} is a file: give a directory, or a .pt/.npz/.safetensors file name")
     if dst.is_dir() and not (dst / checkpoint.CONFIG).is_file() and any(dst.iterdir()):
-        raise UserError(f"{quote(dst)} is a non-empty directory that is not a checkpoint: refusing to replace it; "
-                        "choose a new DST")
+        raise UserError(
+            f"{quote(dst)} is a non-empty directory that is not a checkpoint: refusing to replace it; choose a new DST"
+        )
 
 
 # ---- quantizing --------------------------------------------------------------------------------------------
@@ -296,8 +325,9 @@ def _mlx():
     try:
         import mlx.core as mx
     except ImportError:
-        raise UserError("--quantize writes MLX's quantized format and needs MLX: pip install 'mla-mnist[mlx]', "
-                        "or drop --quantize") from None
+        raise UserError(
+            "--quantize writes MLX's quantized format and needs MLX: pip install 'mla-mnist[mlx]', or drop --quantize"
+        ) from None
     return mx
 
 
@@ -307,8 +337,10 @@ def _check_quantize(src: Path, dst: Path, bits: int, group_size: int):
     if group_size not in GROUP_SIZES:
         raise UserError(f"group size {group_size} is not supported: choose {', '.join(map(str, GROUP_SIZES))}")
     if dst.suffix.lower() in FILE_KINDS:
-        raise UserError(f"--quantize writes a checkpoint directory (its config records bits and group size), not "
-                        f"a {dst.suffix} file: give a directory name as DST")
+        raise UserError(
+            f"--quantize writes a checkpoint directory (its config records bits and group size), not "
+            f"a {dst.suffix} file: give a directory name as DST"
+        )
     _mlx()
 
 
@@ -343,20 +375,32 @@ def _write_quantized(src: Path, dst: Path, cfg: ModelConfig, weights, dtype: str
     checkpoint.save(dst, cfg, packed, dtype=dtype, preset=preset)
     before, after = _weights_bytes(src), (dst / checkpoint.WEIGHTS).stat().st_size
     matrices = sum(name.endswith(".weight") and a.ndim == 2 for name, a in weights.items())
-    return (f"MLX-quantized checkpoint directory, {bits}-bit groups of {group_size}, scales and the rest {dtype}; "
-            f"quantized {n} of {matrices} weight matrices (embedding, output head, kv_b_proj and widths not a "
-            f"multiple of {group_size} stay float); weights {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+    return (
+        f"MLX-quantized checkpoint directory, {bits}-bit groups of {group_size}, scales and the rest {dtype}; "
+        f"quantized {n} of {matrices} weight matrices (embedding, output head, kv_b_proj and widths not a "
+        f"multiple of {group_size} stay float); weights {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB"
+    )
 
 
 # ---- the command -------------------------------------------------------------------------------------------
 def _describe(cfg: ModelConfig) -> str:
-    return (f"{cfg.attention}, d_model {cfg.d_model}, {cfg.heads} heads (head_dim {cfg.head_dim}, rope "
-            f"{cfg.rope_dim}), {cfg.enc_layers}+{cfg.dec_layers} encoder+decoder layers, grid {cfg.grid}, "
-            f"patch {cfg.patch}, final_norm {cfg.final_norm}")
+    return (
+        f"{cfg.attention}, d_model {cfg.d_model}, {cfg.heads} heads (head_dim {cfg.head_dim}, rope "
+        f"{cfg.rope_dim}), {cfg.enc_layers}+{cfg.dec_layers} encoder+decoder layers, grid {cfg.grid}, "
+        f"patch {cfg.patch}, final_norm {cfg.final_norm}"
+    )
 
 
-def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = None, grid: int | None = None,
-            quantize: int | None = None, group_size: int | None = None) -> str:
+def convert(
+    src,
+    dst,
+    *,
+    dtype: str | None = None,
+    config: ModelConfig | None = None,
+    grid: int | None = None,
+    quantize: int | None = None,
+    group_size: int | None = None,
+) -> str:
     """Convert `src` to `dst` (kinds from the paths); returns a short report. Nothing is written on any error."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
@@ -377,12 +421,14 @@ def convert(src, dst, *, dtype: str | None = None, config: ModelConfig | None = 
     with checkpoint.run_lock(dst):
         wrote, note = _write(src, dst, kind, cfg, source, out_dtype, preset, quantize, group_size)
     notes = "".join(f"; {n}" for n in source.notes)
-    return "\n".join([
-        f"read {src} ({source.what}): {len(source.weights)} tensors, {parameter_count(cfg):,} parameters, "
-        f"{source.dtype or 'mixed dtypes'}{notes}",
-        f"config: {_describe(cfg)}",
-        f"wrote {dst} ({wrote}){note}",
-    ])
+    return "\n".join(
+        [
+            f"read {src} ({source.what}): {len(source.weights)} tensors, {parameter_count(cfg):,} parameters, "
+            f"{source.dtype or 'mixed dtypes'}{notes}",
+            f"config: {_describe(cfg)}",
+            f"wrote {dst} ({wrote}){note}",
+        ]
+    )
 
 
 def _write(src, dst, kind, cfg, source, out_dtype, preset, quantize, group_size) -> tuple[str, str]:

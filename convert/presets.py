@@ -2,6 +2,7 @@
 
 A preset added here works everywhere: `--preset` choices, `ModelConfig.preset`, `train`'s defaults and `bench`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,20 +28,48 @@ DEFAULT_PRESET = "small"
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "tests and quick checks: 2x2 grids (56 px), 16 patches, a few thousand parameters per layer",
-        dict(grid=2, patch=14, d_model=32, enc_layers=2, dec_layers=2, heads=4, dropout=0.0,
-             enc_kv_rank=16, enc_q_rank=24, dec_kv_rank=12, dec_q_rank=16, cross_kv_rank=8),
-        epochs=1, batch_size=32, lr=3e-3, train_samples=2000, warmup=50),
+        dict(
+            grid=2,
+            patch=14,
+            d_model=32,
+            enc_layers=2,
+            dec_layers=2,
+            heads=4,
+            dropout=0.0,
+            enc_kv_rank=16,
+            enc_q_rank=24,
+            dec_kv_rank=12,
+            dec_q_rank=16,
+            cross_kv_rank=8,
+        ),
+        epochs=1,
+        batch_size=32,
+        lr=3e-3,
+        train_samples=2000,
+        warmup=50,
+    ),
     "small": Preset(
         "what users train: 4x4 grids (112 px), 7-px patches (16 per digit)",
         dict(grid=4, patch=7, d_model=128, enc_layers=6, dec_layers=3, heads=8, dropout=0.0),
         # One stage in place of the four the shipped checkpoint took: affine digits from the start, a large
         # batch for a GPU, 4.1 M grids (the four stages saw 7.7 M).
-        epochs=16, batch_size=512, lr=1.5e-3, train_samples=256_000, warmup=300, weight_decay=0.05,
-        augment="affine"),
+        epochs=16,
+        batch_size=512,
+        lr=1.5e-3,
+        train_samples=256_000,
+        warmup=300,
+        weight_decay=0.05,
+        augment="affine",
+    ),
     "seed": Preset(
         "the original benchmark model: 10x10 grids (280 px), up to 100 digits, 16+16 layers",
         dict(grid=10, patch=14, d_model=128, enc_layers=16, dec_layers=16, heads=16, dropout=0.1, final_norm=False),
-        epochs=10, batch_size=32, lr=5e-4, train_samples=50_000, warmup=500),
+        epochs=10,
+        batch_size=32,
+        lr=5e-4,
+        train_samples=50_000,
+        warmup=500,
+    ),
 }
 
 

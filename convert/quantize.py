@@ -4,6 +4,7 @@ dequantization (so torch can run a quantized checkpoint).
 Packing (as mx.quantize): each row is split into groups of `group_size` inputs; q = round((w - bias) / scale)
 in [0, 2^bits); 32/bits values per uint32 word, the first value in the lowest bits.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,7 @@ GROUP_SIZES = (32, 64, 128)  # weights per scale/bias: every group size MLX's qu
 
 def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
     """Linear weights whose input width splits into whole groups."""
-    return (name.endswith(".weight") and len(shape) == 2 and not name.endswith(SKIP)
-            and shape[1] % group_size == 0)
+    return name.endswith(".weight") and len(shape) == 2 and not name.endswith(SKIP) and shape[1] % group_size == 0
 
 
 def quantized_shapes(shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> dict:

@@ -8,6 +8,7 @@ The project keeps its own reader and does not depend on the `safetensors` packag
   and checked against the bytes present before anything is allocated, and each way a file can be broken is
   one UserError naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,19 @@ from .errors import UserError, quote
 
 HEADER_LIMIT = 100_000_000  # bytes of JSON header, the limit safetensors itself enforces
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -77,8 +89,10 @@ def read(path: Path, upcast_bf16: bool = True) -> tuple[dict[str, np.ndarray], d
     name_q = quote(path)
 
     def corrupt(why):
-        return UserError(f"{name_q} is not a valid safetensors file ({why}): the file is truncated or corrupt, "
-                         "re-export or re-download it")
+        return UserError(
+            f"{name_q} is not a valid safetensors file ({why}): the file is truncated or corrupt, "
+            "re-export or re-download it"
+        )
 
     try:
         with open(path, "rb") as f:
@@ -126,8 +140,7 @@ def _parse_header(head: bytes, corrupt) -> dict:
     if not isinstance(header, dict):
         raise corrupt(f"header is a JSON {type(header).__name__}, not an object")
     meta = header.get("__metadata__")
-    if meta is not None and (not isinstance(meta, dict)
-                             or not all(isinstance(v, str) for v in meta.values())):
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
         raise corrupt("__metadata__ is not an object of strings")
     return header
 
@@ -143,8 +156,9 @@ def _check_entries(header: dict, body_size: int, corrupt) -> list:
             raise corrupt(f"bad entry for {label}: expected an object with dtype, shape and data_offsets")
         code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
         if not isinstance(code, str) or not (code == "BF16" or code in _DTYPES):
-            raise corrupt(f"unknown dtype {quote(code)[:40] if isinstance(code, str) else type(code).__name__} "
-                          f"for {label}")
+            raise corrupt(
+                f"unknown dtype {quote(code)[:40] if isinstance(code, str) else type(code).__name__} for {label}"
+            )
         if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
             raise corrupt(f"shape of {label} is not a list of at most 16 non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):

@@ -2,10 +2,11 @@
 
 The same names appear in torch `state_dict()`, MLX `tree_flatten(model.parameters())` and model.safetensors.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .config import ModelConfig
 from .errors import UserError
@@ -49,24 +50,33 @@ def _mla_cross(prefix: str, cfg: ModelConfig) -> dict:
 def _grouped(prefix: str, cfg: ModelConfig, kv_heads: int) -> dict:
     """Full-rank Q/O and K/V for `kv_heads` heads: MHA when kv_heads == heads, GQA when fewer."""
     d, kv = cfg.d_model, kv_heads * cfg.head_dim
-    return {**_linear(f"{prefix}.q_proj", d, d), **_linear(f"{prefix}.k_proj", d, kv),
-            **_linear(f"{prefix}.v_proj", d, kv), **_linear(f"{prefix}.o_proj", d, d)}
+    return {
+        **_linear(f"{prefix}.q_proj", d, d),
+        **_linear(f"{prefix}.k_proj", d, kv),
+        **_linear(f"{prefix}.v_proj", d, kv),
+        **_linear(f"{prefix}.o_proj", d, d),
+    }
 
 
 @dataclass(frozen=True)
 class Attention:
     """An attention variant's parameters: its self-attention (prefix, cfg, q_rank, kv_rank) and cross-attention
     (prefix, cfg) schemas. Each framework's attention.py maps the same names to its modules."""
+
     self_attention: Callable[..., dict]
     cross_attention: Callable[..., dict]
 
 
 ATTENTION: dict[str, Attention] = {
     "mla": Attention(_mla_self, _mla_cross),
-    "mha": Attention(lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.heads),
-                     lambda prefix, cfg: _grouped(prefix, cfg, cfg.heads)),
-    "gqa": Attention(lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.kv_heads),
-                     lambda prefix, cfg: _grouped(prefix, cfg, cfg.kv_heads)),
+    "mha": Attention(
+        lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.heads),
+        lambda prefix, cfg: _grouped(prefix, cfg, cfg.heads),
+    ),
+    "gqa": Attention(
+        lambda prefix, cfg, q_rank, kv_rank: _grouped(prefix, cfg, cfg.kv_heads),
+        lambda prefix, cfg: _grouped(prefix, cfg, cfg.kv_heads),
+    ),
 }
 
 
@@ -145,5 +155,8 @@ def check(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], what: str = "wei
     if wrong:
         problems.append(f"wrong shape {len(wrong)}: {'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
     if problems:
-        raise UserError(f"{what} do not match the config ({cfg.attention}, d_model={cfg.d_model}): "
-                        + " | ".join(problems) + " -- check --preset/--config or the checkpoint's config.json")
+        raise UserError(
+            f"{what} do not match the config ({cfg.attention}, d_model={cfg.d_model}): "
+            + " | ".join(problems)
+            + " -- check --preset/--config or the checkpoint's config.json"
+        )

@@ -1,10 +1,11 @@
 """Optimiser settings and the learning-rate schedule, shared so both trainers step identically."""
+
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from dataclasses import dataclass, asdict, fields
 
 from .errors import UserError, quote
 
@@ -43,8 +44,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or not 0 <= v <= MAX_STEPS:
                 raise UserError(f"training setting {name} must be an integer in [0, {MAX_STEPS}], got {v!r}")
-        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
-                and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+        if not (
+            isinstance(self.betas, (tuple, list))
+            and len(self.betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
             raise UserError(f"training setting betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
         if not self.lr > 0:
@@ -74,13 +78,18 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-_SPEC_INTS = {"epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_BATCH), "train_samples": (1, MAX_SAMPLES),
-              "seed": (0, 2**63 - 1)}
+_SPEC_INTS = {
+    "epochs": (1, MAX_EPOCHS),
+    "batch_size": (1, MAX_BATCH),
+    "train_samples": (1, MAX_SAMPLES),
+    "seed": (0, 2**63 - 1),
+}
 _RECORD_NUMBERS = ("val_exact_match",)
 
 
 def check_run_state(state, where) -> None:
     """Refuse a train_state.json whose fields a resume would trip over: every field a resume reads, typed."""
+
     def bad(why):
         raise UserError(f"{quote(where)} is corrupt ({why}); resume from an intact checkpoint or start a new run")
 
@@ -109,8 +118,9 @@ def check_run_state(state, where) -> None:
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         bad("history is not a list of records")
     best = state.get("best")
-    if best is not None and not (isinstance(best, dict) and all(_is_number(best.get(k)) for k in _RECORD_NUMBERS)
-                                 and _is_int(best.get("step"))):
+    if best is not None and not (
+        isinstance(best, dict) and all(_is_number(best.get(k)) for k in _RECORD_NUMBERS) and _is_int(best.get("step"))
+    ):
         bad("best is not a validation record")
 
 
@@ -120,10 +130,15 @@ def check_optimizer_state(arrays, where) -> None:
     if step is not None:
         value = float(step.reshape(-1)[0]) if step.size == 1 else float("nan")
         if not (math.isfinite(value) and value >= 0 and value == int(value) and value <= MAX_STEPS):
-            raise UserError(f"{quote(where)} has step {step.tolist()!r}, not a step count: it is corrupt; resume "
-                            "from an intact checkpoint or start a new run")
-    bad = [k for k, v in arrays.items() if k.startswith(("m.", "v.")) and
-           (v.dtype.kind != "f" or not np.isfinite(v).all())]
+            raise UserError(
+                f"{quote(where)} has step {step.tolist()!r}, not a step count: it is corrupt; resume "
+                "from an intact checkpoint or start a new run"
+            )
+    bad = [
+        k for k, v in arrays.items() if k.startswith(("m.", "v.")) and (v.dtype.kind != "f" or not np.isfinite(v).all())
+    ]
     if bad:
-        raise UserError(f"{quote(where)} holds non-finite or non-float optimizer moments ({', '.join(bad[:3])}): it "
-                        "is corrupt; resume from an intact checkpoint or start a new run")
+        raise UserError(
+            f"{quote(where)} holds non-finite or non-float optimizer moments ({', '.join(bad[:3])}): it "
+            "is corrupt; resume from an intact checkpoint or start a new run"
+        )

@@ -10,6 +10,7 @@ MLA self-attention keeps two forms of the same function:
 A variant is a pair of modules in VARIANTS, its parameters in convert.schema.ATTENTION, its cache from its
 self-attention's `new_cache`; `absorbed` says whether it has the one-token latent step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ def latent_attention(q, keys, values, heads: int):
     in q. MLX's fused attention takes a value dim different from the key dim (keys r + rope, values r).
     """
     b, t = q.shape[:2]
-    out = mx.fast.scaled_dot_product_attention(q.reshape(b, 1, t * heads, -1), keys[:, None], values[:, None],
-                                               scale=1.0)
+    out = mx.fast.scaled_dot_product_attention(
+        q.reshape(b, 1, t * heads, -1), keys[:, None], values[:, None], scale=1.0
+    )
     return out.reshape(b, t, -1)
 
 
@@ -78,6 +80,7 @@ def dense_weight(layer) -> mx.array:
 class Absorbed:
     """The absorbed projections of one attention module, input-major (x @ w). w_q [in, H*(r + pe)] maps the input
     to latent-space queries (the softmax scale folded in); w_o [H*r, d] maps the attended latents to the output."""
+
     w_q: mx.array
     w_o: mx.array
 
@@ -112,6 +115,7 @@ def merge_heads(x):
 @dataclass
 class LatentMemory:
     """Cross-attention memory in latent form: the encoder latent c [B, N, r] and the absorbed projections."""
+
     c: mx.array
     absorbed: Absorbed
 
@@ -123,6 +127,7 @@ class LatentMemory:
 @dataclass
 class KVMemory:
     """Cross-attention memory as per-head K/V [B, H_kv, N, hd], computed once per image."""
+
     k: mx.array
     v: mx.array
 
@@ -138,7 +143,7 @@ class MLASelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.rope_dim, self.kv_rank = cfg.heads, cfg.head_dim, cfg.rope_dim, kv_rank
         self.nope_dim, self.base = cfg.head_dim - cfg.rope_dim, cfg.rope_base
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         d, h = cfg.d_model, cfg.heads
         self.q_a_proj = nn.Linear(d, q_rank, bias=False)
         self.q_a_norm = nn.LayerNorm(q_rank)
@@ -189,7 +194,7 @@ class MLACrossAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.heads, self.head_dim, self.kv_rank = cfg.heads, cfg.head_dim, cfg.cross_kv_rank
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         d, h = cfg.d_model, cfg.heads
         self.q_proj = nn.Linear(d, h * cfg.head_dim, bias=False)
         self.kv_a_proj = nn.Linear(d, self.kv_rank, bias=False)
@@ -217,13 +222,14 @@ class MLACrossAttention(nn.Module):
 class GroupedSelfAttention(nn.Module):
     """Full-rank attention with K/V heads shared by groups of query heads: MHA (kv_heads == heads, the baseline
     MLA replaces) or GQA (fewer); RoPE on the last rope_dim of every head; a K/V cache of kv_heads heads."""
+
     absorbed = False
 
     def __init__(self, cfg, kv_heads: int):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, kv_heads, cfg.head_dim
         self.rope_dim, self.base = cfg.rope_dim, cfg.rope_base
-        self.nope_dim, self.scale = cfg.head_dim - cfg.rope_dim, cfg.head_dim ** -0.5
+        self.nope_dim, self.scale = cfg.head_dim - cfg.rope_dim, cfg.head_dim**-0.5
         d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, kv, bias=False)
@@ -251,7 +257,7 @@ class GroupedSelfAttention(nn.Module):
 class GroupedCrossAttention(nn.Module):
     def __init__(self, cfg, kv_heads: int):
         super().__init__()
-        self.heads, self.kv_heads, self.scale = cfg.heads, kv_heads, cfg.head_dim ** -0.5
+        self.heads, self.kv_heads, self.scale = cfg.heads, kv_heads, cfg.head_dim**-0.5
         d, kv = cfg.d_model, kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, kv, bias=False)
@@ -271,10 +277,14 @@ class GroupedCrossAttention(nn.Module):
 # name -> (self-attention(cfg, q_rank, kv_rank), cross-attention(cfg)); parameters in convert.schema.ATTENTION
 VARIANTS = {
     "mla": (MLASelfAttention, MLACrossAttention),
-    "mha": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.heads),
-            lambda cfg: GroupedCrossAttention(cfg, cfg.heads)),
-    "gqa": (lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.kv_heads),
-            lambda cfg: GroupedCrossAttention(cfg, cfg.kv_heads)),
+    "mha": (
+        lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.heads),
+        lambda cfg: GroupedCrossAttention(cfg, cfg.heads),
+    ),
+    "gqa": (
+        lambda cfg, q_rank, kv_rank: GroupedSelfAttention(cfg, cfg.kv_heads),
+        lambda cfg: GroupedCrossAttention(cfg, cfg.kv_heads),
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 
 mla_torch/backend.py has the same class with the same methods and signatures (a test checks it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,10 @@ def _device(device: str) -> str:
     if device not in ("auto", "cpu", "gpu"):
         raise UserError(f"device {device!r} is not an MLX device: use {DEVICES}")
     if device == "gpu" and not mx.is_available(mx.gpu):
-        raise UserError("device gpu asked for, but this MLX has no GPU backend (on Linux, mlx[cpu] is CPU only; "
-                        "mlx[cuda] runs on NVIDIA GPUs): use device cpu")
+        raise UserError(
+            "device gpu asked for, but this MLX has no GPU backend (on Linux, mlx[cpu] is CPU only; "
+            "mlx[cuda] runs on NVIDIA GPUs): use device cpu"
+        )
     if device != "auto":
         mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
@@ -65,8 +68,10 @@ class Backend:
         """(fn(), {peak_memory_bytes, peak_memory_method}) from MLX's own allocation counter."""
         mx.reset_peak_memory()
         out = fn()
-        return out, {"peak_memory_bytes": mx.get_peak_memory(),
-                     "peak_memory_method": "mx.get_peak_memory (all MLX arrays, weights included)"}
+        return out, {
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "peak_memory_method": "mx.get_peak_memory (all MLX arrays, weights included)",
+        }
 
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""
@@ -78,7 +83,7 @@ class Backend:
             self.synchronize(a @ a)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        return 2 * n ** 3 / statistics.median(times) / 1e9
+        return 2 * n**3 / statistics.median(times) / 1e9
 
     # ---- arrays -------------------------------------------------------------------------------------
     def array(self, x: np.ndarray, dtype: str | None = None):

@@ -1,4 +1,5 @@
 """Save/load the shared checkpoint directory from an MLX model (weights go through numpy)."""
+
 from __future__ import annotations
 
 import mlx.core as mx
@@ -14,8 +15,10 @@ from .model import EncoderDecoder
 
 def to_numpy(model) -> dict[str, np.ndarray]:
     # Packed quantized weights stay uint32; everything else goes out as float32.
-    return {k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
-            for k, v in tree_flatten(model.parameters())}
+    return {
+        k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+        for k, v in tree_flatten(model.parameters())
+    }
 
 
 def quantize(model, bits: int, group_size: int):
@@ -35,8 +38,9 @@ def from_numpy(model, weights: dict[str, np.ndarray]):
     check(model.config, {k: v.shape for k, v in weights.items()})
     # Keep each parameter's dtype, as torch's load_state_dict copies into the existing tensors.
     dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-    model.load_weights([(k, mx.array(np.ascontiguousarray(v)).astype(dtypes[k])) for k, v in weights.items()],
-                       strict=True)
+    model.load_weights(
+        [(k, mx.array(np.ascontiguousarray(v)).astype(dtypes[k])) for k, v in weights.items()], strict=True
+    )
     return model
 
 

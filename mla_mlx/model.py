@@ -1,4 +1,5 @@
 """The encoder-decoder: patch embedding + class token -> MLA encoder -> MLA decoder with cross-attention."""
+
 from __future__ import annotations
 
 import mlx.core as mx

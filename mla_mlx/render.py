@@ -4,6 +4,7 @@ The digit pool is uploaded once as uint8; a batch uploads only its Draw (a few i
 Every output pixel is one explicit gather (four for the affine warp) with mx.take; the float math follows
 the numpy renderer operation by operation.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,7 +37,7 @@ class DeviceRenderer:
         """Images [m, G*28, G*28] in [0, 1] for rows of Draw d, equal to mnist_grid's render(...)[0]."""
         occupied = d.occupied[rows]
         m, cells = occupied.shape
-        grid = int(round(cells ** 0.5))
+        grid = int(round(cells**0.5))
         index = np.where(occupied, d.index[rows], self.empty).reshape(-1).astype(np.int32)
         base = (mx.array(index) * SIZE**2)[:, None, None]  # [M, 1, 1]
         # Source pixel of each output pixel before the warp: out[y, x] = in[y - dy, x - dx] (zeros outside).

@@ -1,4 +1,5 @@
 """One optimisation step, and the optimiser state as numpy (for the shared checkpoint directory)."""
+
 from __future__ import annotations
 
 import mlx.core as mx
@@ -17,8 +18,7 @@ def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None):
     logits = model(images, tokens[:, :-1])
     targets = tokens[:, 1:]
     mask = targets != PAD  # MLX's cross_entropy has no ignore_index
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0),
-                                 label_smoothing=label_smoothing)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0), label_smoothing=label_smoothing)
     return (ce * mask).sum() / (mask.sum() if count is None else count)
 
 
@@ -58,8 +58,13 @@ class Trainer:
         self.model, self.tc, self.device, self.world = model, tc, device, world
         self.bf16 = bf16
         forward = bf16_loss_fn if bf16 else loss_fn
-        self.opt = optim.AdamW(learning_rate=tc.lr_at(0), betas=list(tc.betas), eps=tc.eps,
-                               weight_decay=tc.weight_decay, bias_correction=True)
+        self.opt = optim.AdamW(
+            learning_rate=tc.lr_at(0),
+            betas=list(tc.betas),
+            eps=tc.eps,
+            weight_decay=tc.weight_decay,
+            bias_correction=True,
+        )
         self.opt.init(model.trainable_parameters())  # the compiled step needs the whole state tree up front
         self.step_count = 0
         state = [model.state, self.opt.state, mx.random.state]

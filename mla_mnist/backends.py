@@ -1,5 +1,6 @@
 """The one place the application layer picks a framework: `get_backend` imports mla_torch.backend or
 mla_mlx.backend, whose `Backend` classes share one set of methods. Nothing else in mla_mnist names a framework."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -2,10 +2,10 @@
 
 Every user-fixable problem is a UserError: one line on stderr, exit code 2, no traceback (--debug shows it).
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -31,9 +31,19 @@ class Parser(argparse.ArgumentParser):
 
 MAX_INT = 2**63 - 1  # past this no count, step or seed means anything, and numpy would overflow
 # Upper bounds per flag, checked as the flag is parsed: what fits a machine (and a grid image) at all.
-LIMITS = {"--samples": 10_000_000, "--val-samples": 10_000_000, "--train-samples": 10_000_000, "--grid": 64,
-          "--digits": 64 * 64, "--max-length": 100_000, "--batch-size": 65_536, "--train-batch-size": 65_536,
-          "--epochs": 1_000_000, "--repeats": 100_000, "--threads": 4096}
+LIMITS = {
+    "--samples": 10_000_000,
+    "--val-samples": 10_000_000,
+    "--train-samples": 10_000_000,
+    "--grid": 64,
+    "--digits": 64 * 64,
+    "--max-length": 100_000,
+    "--batch-size": 65_536,
+    "--train-batch-size": 65_536,
+    "--epochs": 1_000_000,
+    "--repeats": 100_000,
+    "--threads": 4096,
+}
 MAX_LENGTH = LIMITS["--max-length"]
 
 
@@ -68,11 +78,13 @@ def nonneg_int(text):
 
 def at_most(limit, parse=positive_int):
     """`parse`, then refuse values over `limit` with a message that names the bound."""
+
     def bounded(text):
         v = parse(text)
         if v > limit:
             raise argparse.ArgumentTypeError(f"{v} is over the limit of {limit:,}")
         return v
+
     bounded.__name__ = parse.__name__
     return bounded
 
@@ -129,25 +141,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
-                and action.option_strings and "(default" not in text:
+        if (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+            and action.option_strings
+            and "(default" not in text
+        ):
             text += " (default: %(default)s)"
         return text
 
 
 EXAMPLES = {
-    "train": ["mla-mnist train --preset tiny --framework mlx --epochs 1 --train-samples 2000 --out runs/tiny",
-              "mla-mnist train --preset small --bf16 --out runs/small          # the shipped model's recipe",
-              "mla-mnist train --resume runs/small                             # continue an interrupted run"],
-    "eval": ["mla-mnist eval --samples 1000                                   # the shipped model, MLX",
-             "mla-mnist eval runs/tiny --framework torch --samples 500 --json"],
+    "train": [
+        "mla-mnist train --preset tiny --framework mlx --epochs 1 --train-samples 2000 --out runs/tiny",
+        "mla-mnist train --preset small --bf16 --out runs/small          # the shipped model's recipe",
+        "mla-mnist train --resume runs/small                             # continue an interrupted run",
+    ],
+    "eval": [
+        "mla-mnist eval --samples 1000                                   # the shipped model, MLX",
+        "mla-mnist eval runs/tiny --framework torch --samples 500 --json",
+    ],
     "make-grid": ["mla-mnist make-grid grid.png --digits 9 --seed 3"],
     "predict": ["mla-mnist predict grid.png photo.jpg --json"],
     "show": ["mla-mnist show grid.png --out seen.png                          # the shipped model"],
-    "convert": ["mla-mnist convert runs/tiny tiny.pt",
-                "mla-mnist convert runs/tiny runs/tiny-q8 --quantize 8"],
-    "bench": ["mla-mnist bench --preset tiny                                   # writes runs/bench-tiny/",
-              "mla-mnist bench --preset seed --frameworks torch --repeats 5 --out runs/bench-seed"],
+    "convert": ["mla-mnist convert runs/tiny tiny.pt", "mla-mnist convert runs/tiny runs/tiny-q8 --quantize 8"],
+    "bench": [
+        "mla-mnist bench --preset tiny                                   # writes runs/bench-tiny/",
+        "mla-mnist bench --preset seed --frameworks torch --repeats 5 --out runs/bench-seed",
+    ],
 }
 
 
@@ -164,16 +185,27 @@ def build_parser() -> Parser:
         return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
 
     def common(sp):
-        sp.add_argument("--framework", choices=FRAMEWORKS,
-                        help=f"default: the first installed of {', '.join(TRAINING_FIRST if sp is t else INFERENCE_FIRST)}")
-        sp.add_argument("--device", default="auto", help="auto, cpu or gpu (each framework's own names work too: "
-                                                         "cuda, cuda:N, mps)")
-        sp.add_argument("--data-dir", help="folder with the four MNIST files (default: $MLA_MNIST_DIR, else a "
-                                           "user cache, downloaded once)")
+        sp.add_argument(
+            "--framework",
+            choices=FRAMEWORKS,
+            help=f"default: the first installed of {', '.join(TRAINING_FIRST if sp is t else INFERENCE_FIRST)}",
+        )
+        sp.add_argument(
+            "--device", default="auto", help="auto, cpu or gpu (each framework's own names work too: cuda, cuda:N, mps)"
+        )
+        sp.add_argument(
+            "--data-dir",
+            help="folder with the four MNIST files (default: $MLA_MNIST_DIR, else a user cache, downloaded once)",
+        )
 
     def checkpoint_argument(sp):
-        sp.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="a checkpoint directory (default: the shipped small model)")
+        sp.add_argument(
+            "checkpoint",
+            nargs="?",
+            type=Path,
+            default=DEFAULT_CHECKPOINT,
+            help="a checkpoint directory (default: the shipped small model)",
+        )
 
     t = command("train", "train a model")
     common(t)
@@ -189,9 +221,14 @@ def build_parser() -> Parser:
     t.add_argument("--label-smoothing", type=nonneg_float, help="cross-entropy label smoothing (default: the preset's)")
     t.add_argument("--train-samples", type=positive_int, help="grids per epoch (default: the preset's)")
     t.add_argument("--val-samples", type=positive_int, default=512, help="validation grids scored after each epoch")
-    t.add_argument("--augment", nargs="?", const="shift", choices=("shift", "affine"),
-                   help="per-digit augmentation: shift (up to 2 px; the default when no value is given) or "
-                        "affine (shift + rotation, scale, shear)")
+    t.add_argument(
+        "--augment",
+        nargs="?",
+        const="shift",
+        choices=("shift", "affine"),
+        help="per-digit augmentation: shift (up to 2 px; the default when no value is given) or "
+        "affine (shift + rotation, scale, shear)",
+    )
     t.add_argument("--seed", type=nonneg_int, help="data order and initial weights (default 0)")
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
     t.add_argument("--force", action="store_true", help="start a new run over an existing --out checkpoint")
@@ -207,10 +244,12 @@ def build_parser() -> Parser:
     common(e)
     e.add_argument("--split", choices=("test", "val"), default="test", help="MNIST digits the grids are made of")
     e.add_argument("--samples", type=positive_int, default=1000, help="grids to read (the same fixed ones every run)")
-    e.add_argument("--batch-size", type=positive_int,
-                   help="grids per generate call (default: 64 on a CPU, 1024 on a GPU)")
-    e.add_argument("--weights", choices=("last", "best"), default="last",
-                   help="the last weights, or the best on validation")
+    e.add_argument(
+        "--batch-size", type=positive_int, help="grids per generate call (default: 64 on a CPU, 1024 on a GPU)"
+    )
+    e.add_argument(
+        "--weights", choices=("last", "best"), default="last", help="the last weights, or the best on validation"
+    )
     e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
     e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -227,21 +266,36 @@ def build_parser() -> Parser:
     pr = command("predict", "read the digits in grid images (PNG/JPEG)")
     pr.add_argument("images", nargs="+", type=Path, help="image files")
     common(pr)
-    pr.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                    help="a checkpoint directory (default: the shipped small model)")
+    pr.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="a checkpoint directory (default: the shipped small model)",
+    )
     pr.add_argument("--json", action="store_true", help="print one JSON list")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.add_argument("--grid", type=positive_int, help="the images hold an NxN grid (at most the model's; default: the model's own)")
+    pr.add_argument(
+        "--grid", type=positive_int, help="the images hold an NxN grid (at most the model's; default: the model's own)"
+    )
 
     s = command("show", "draw an image with its prediction and cross-attention maps")
-    s.add_argument("args", nargs="+", metavar="[CHECKPOINT] IMAGE",
-                   help="the image, after a checkpoint directory (default: the shipped small model)")
+    s.add_argument(
+        "args",
+        nargs="+",
+        metavar="[CHECKPOINT] IMAGE",
+        help="the image, after a checkpoint directory (default: the shipped small model)",
+    )
     s.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    s.add_argument("--framework", choices=FRAMEWORKS,
-                   help=f"default: the first installed of {', '.join(INFERENCE_FIRST)}")
+    s.add_argument(
+        "--framework", choices=FRAMEWORKS, help=f"default: the first installed of {', '.join(INFERENCE_FIRST)}"
+    )
     s.add_argument("--device", default="auto", help="auto, cpu or gpu")
-    s.add_argument("--layers", choices=("last", "all"), default="last",
-                   help="cross-attention of the last decoder layer, or averaged over all layers")
+    s.add_argument(
+        "--layers",
+        choices=("last", "all"),
+        default="last",
+        help="cross-attention of the last decoder layer, or averaged over all layers",
+    )
 
     c = command("convert", "convert checkpoints and weight files between formats")
     c.add_argument("src", type=Path, help=ACCEPTED_SOURCES)
@@ -251,9 +305,15 @@ def build_parser() -> Parser:
     c.add_argument("--preset", choices=PRESETS, help="the model of a bare weights file")
     c.add_argument("--config", type=Path, help="the model config JSON of a bare weights file")
     c.add_argument("--grid", type=positive_int, help="grid of an original-format state_dict (default 10)")
-    c.add_argument("--quantize", type=int, choices=BITS,
-                   help="bits per Linear weight, MLX affine groups (needs MLX; DST must be a directory)")
-    c.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="weights per scale/bias (--quantize)")
+    c.add_argument(
+        "--quantize",
+        type=int,
+        choices=BITS,
+        help="bits per Linear weight, MLX affine groups (needs MLX; DST must be a directory)",
+    )
+    c.add_argument(
+        "--group-size", type=int, choices=GROUP_SIZES, default=64, help="weights per scale/bias (--quantize)"
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = command("bench", "generation and training throughput, cache bytes (JSON, table, plot)")
@@ -265,15 +325,27 @@ def build_parser() -> Parser:
     b.add_argument("--device", default="cpu", help="cpu or gpu (each framework's own names work too)")
     b.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row (the median is kept)")
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")
-    b.add_argument("--train-batch-size", type=positive_int,
-                   help="grids per training step (default: --batch-size; a GPU needs more to be busy)")
+    b.add_argument(
+        "--train-batch-size",
+        type=positive_int,
+        help="grids per training step (default: --batch-size; a GPU needs more to be busy)",
+    )
     b.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="generation weights and activations")
-    b.add_argument("--train-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="training compute (bfloat16: float32 weights and optimiser state, as train --bf16)")
-    b.add_argument("--threads", type=positive_int, help="CPU threads, where the framework takes a number "
-                                                       "(default: its own choice)")
-    b.add_argument("--render-batch", type=nonneg_int, default=256,
-                   help="grids per batch when timing the training-grid renderers (0: skip them)")
+    b.add_argument(
+        "--train-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="training compute (bfloat16: float32 weights and optimiser state, as train --bf16)",
+    )
+    b.add_argument(
+        "--threads", type=positive_int, help="CPU threads, where the framework takes a number (default: its own choice)"
+    )
+    b.add_argument(
+        "--render-batch",
+        type=nonneg_int,
+        default=256,
+        help="grids per batch when timing the training-grid renderers (0: skip them)",
+    )
     b.add_argument("--out", type=Path, help="folder for bench.json and bench.png (default runs/bench-<preset>)")
     b.add_argument("--json", type=Path, help="the JSON file (default OUT/bench.json)")
     b.add_argument("--plot", type=Path, help="the PNG file (default OUT/bench.png)")
@@ -281,10 +353,19 @@ def build_parser() -> Parser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     parity_parser(sub)
 
-    i = sub.add_parser("info", help="a checkpoint's config, size, dtype, quantization and training summary",
-                       epilog="example:\n  mla-mnist info mla_mnist/checkpoints/small", formatter_class=HelpFormatter)
-    i.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT,
-                   help="a checkpoint directory (default: the shipped small model)")
+    i = sub.add_parser(
+        "info",
+        help="a checkpoint's config, size, dtype, quantization and training summary",
+        epilog="example:\n  mla-mnist info mla_mnist/checkpoints/small",
+        formatter_class=HelpFormatter,
+    )
+    i.add_argument(
+        "checkpoint",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="a checkpoint directory (default: the shipped small model)",
+    )
     i.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -292,29 +373,44 @@ def build_parser() -> Parser:
 def parity_parser(sub):
     from .parity import DEFAULT_DTYPES, DEFAULT_SAMPLES, tolerance_help
 
-    q = sub.add_parser("parity", help="compare a model across frameworks and dtypes: per-layer drift, greedy "
-                                      "read-outs, round trip",
-                       description="REFERENCE runs in the first of --frameworks, CANDIDATE (default: REFERENCE) "
-                                   "in the second. Exit 0: every comparison within tolerance; 1: one is not; "
-                                   "2: bad input. See docs/parity.md.",
-                       epilog="example:\n  mla-mnist parity mla_mnist/checkpoints/small\n"
-                              "  mla-mnist parity runs/tiny tiny.npz --frameworks torch,mlx --json parity.json",
-                       formatter_class=HelpFormatter)
-    q.add_argument("reference", type=Path, help="checkpoint directory (quantized too), .pt/.npz/.safetensors, or an "
-                                                "original-format state_dict")
+    q = sub.add_parser(
+        "parity",
+        help="compare a model across frameworks and dtypes: per-layer drift, greedy read-outs, round trip",
+        description="REFERENCE runs in the first of --frameworks, CANDIDATE (default: REFERENCE) "
+        "in the second. Exit 0: every comparison within tolerance; 1: one is not; "
+        "2: bad input. See docs/parity.md.",
+        epilog="example:\n  mla-mnist parity mla_mnist/checkpoints/small\n"
+        "  mla-mnist parity runs/tiny tiny.npz --frameworks torch,mlx --json parity.json",
+        formatter_class=HelpFormatter,
+    )
+    q.add_argument(
+        "reference",
+        type=Path,
+        help="checkpoint directory (quantized too), .pt/.npz/.safetensors, or an original-format state_dict",
+    )
     q.add_argument("candidate", type=Path, nargs="?", help="the same kinds; default REFERENCE")
-    q.add_argument("--frameworks", help=f"one or two of {', '.join(FRAMEWORKS)} (default: those installed, in "
-                                        f"that order)")
-    q.add_argument("--dtype", default=",".join(DEFAULT_DTYPES), help=f"comma-separated of {', '.join(FLOAT_DTYPES)} "
-                                                                     f"(default %(default)s)")
+    q.add_argument(
+        "--frameworks", help=f"one or two of {', '.join(FRAMEWORKS)} (default: those installed, in that order)"
+    )
+    q.add_argument(
+        "--dtype",
+        default=",".join(DEFAULT_DTYPES),
+        help=f"comma-separated of {', '.join(FLOAT_DTYPES)} (default %(default)s)",
+    )
     q.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help="test grids (default %(default)s)")
-    q.add_argument("--modes", help="decode modes, comma-separated (default: every one the model has of absorbed, "
-                                   "expanded, uncached)")
+    q.add_argument(
+        "--modes",
+        help="decode modes, comma-separated (default: every one the model has of absorbed, expanded, uncached)",
+    )
     q.add_argument("--json", type=Path, help="write the report as JSON (schema in docs/parity.md)")
     q.add_argument("--plot", type=Path, help="write a PNG of max relative difference per layer")
-    q.add_argument("--tolerance", action="append", metavar="DTYPE=X",
-                   help="override a dtype's max relative difference (layers and logits); also DTYPE.layer=X, "
-                        f"DTYPE.logits=X, DTYPE.agreement=X. Defaults: {tolerance_help().replace('%', '%%')}")
+    q.add_argument(
+        "--tolerance",
+        action="append",
+        metavar="DTYPE=X",
+        help="override a dtype's max relative difference (layers and logits); also DTYPE.layer=X, "
+        f"DTYPE.logits=X, DTYPE.agreement=X. Defaults: {tolerance_help().replace('%', '%%')}",
+    )
     q.add_argument("--device", default="auto", help="auto, cpu or gpu, for both frameworks")
     q.add_argument("--preset", choices=PRESETS, help="config of a weights file without one")
     q.add_argument("--config", type=Path, help="a model config JSON for a weights file without one")
@@ -346,8 +442,11 @@ def main(argv=None) -> int:
         if debug:
             raise
         # Only hostile input recurses this deep here (JSON nested thousands of levels, read by a JSON parser).
-        print("mla-mnist: error: an input file is nested too deeply to read (JSON with thousands of levels?): "
-              "give a flat config or checkpoint file", file=sys.stderr)
+        print(
+            "mla-mnist: error: an input file is nested too deeply to read (JSON with thousands of levels?): "
+            "give a flat config or checkpoint file",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("mla-mnist: interrupted", file=sys.stderr)
@@ -355,8 +454,11 @@ def main(argv=None) -> int:
     except Exception as e:  # the last resort: anything else is a bug, still reported on one line
         if debug:
             raise
-        print(f"mla-mnist: internal error (a bug, please report): {type(e).__name__}: {one_line(e)[:500]}; "
-              "rerun with --debug for the traceback", file=sys.stderr)
+        print(
+            f"mla-mnist: internal error (a bug, please report): {type(e).__name__}: {one_line(e)[:500]}; "
+            "rerun with --debug for the traceback",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -1,4 +1,5 @@
 """The sub-commands. Each imports its framework only when it runs."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,12 @@ import numpy as np
 
 from convert import checkpoint
 from convert.config import ModelConfig
-from convert.presets import DEFAULT_PRESET, PRESETS
 from convert.errors import UserError
+from convert.presets import DEFAULT_PRESET, PRESETS
 from convert.training import TrainConfig
 
 from .backends import DEFAULT_CHECKPOINT, INFERENCE_FIRST, TRAINING_FIRST, default_framework, get_backend
+
 
 def _config(args) -> tuple[ModelConfig, str | None]:
     if args.config is not None:
@@ -25,8 +27,10 @@ def _config(args) -> tuple[ModelConfig, str | None]:
         except OSError as e:
             raise UserError(f"cannot read --config {args.config}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {args.config} is not valid JSON ({e}); give a model config JSON file "
-                            "(see a checkpoint's config.json)") from None
+            raise UserError(
+                f"--config {args.config} is not valid JSON ({e}); give a model config JSON file "
+                "(see a checkpoint's config.json)"
+            ) from None
         cfg = ModelConfig.from_dict(data.get("model", data) if isinstance(data, dict) else data)
         preset = None
     else:
@@ -39,8 +43,8 @@ def _config(args) -> tuple[ModelConfig, str | None]:
 
 
 def cmd_train(args):
-    from .train_loop import RunSpec, read_state, train
     from .distributed import launcher_world
+    from .train_loop import RunSpec, read_state, train
 
     backend = get_backend(args.framework or default_framework(TRAINING_FIRST), args.device)
     if args.resume is not None and args.init is not None:
@@ -50,12 +54,21 @@ def cmd_train(args):
         saved, meta = checkpoint.read_config(args.resume)
         cfg, preset = (saved, meta.get("preset")) if not (args.preset or args.config) else _config(args)
         interrupted = state["spec"]
-        given = {"epochs": args.epochs, "batch_size": args.batch_size, "train_samples": args.train_samples,
-                 "seed": args.seed, "augment": args.augment}
+        given = {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "train_samples": args.train_samples,
+            "seed": args.seed,
+            "augment": args.augment,
+        }
         run_fields = {k: (given[k] if given[k] is not None else interrupted[k]) for k in given}
         optimiser = dict(interrupted["train"])
-        for flag, key in (("lr", "lr"), ("warmup", "warmup_steps"), ("weight_decay", "weight_decay"),
-                          ("label_smoothing", "label_smoothing")):
+        for flag, key in (
+            ("lr", "lr"),
+            ("warmup", "warmup_steps"),
+            ("weight_decay", "weight_decay"),
+            ("label_smoothing", "label_smoothing"),
+        ):
             if getattr(args, flag) is not None:
                 optimiser[key] = getattr(args, flag)
         spec = RunSpec(**run_fields, train=_train_config(optimiser))
@@ -66,26 +79,54 @@ def cmd_train(args):
         pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(recipe, name)  # noqa: E731
         epochs, batch, samples = pick("epochs"), pick("batch_size"), pick("train_samples")
         if samples < batch:
-            raise UserError(f"--train-samples {samples} is less than one batch of {batch}: raise it or lower "
-                            "--batch-size")
-        optimiser = _train_config(dict(lr=pick("lr"), warmup_steps=pick("warmup"),
-                                       total_steps=epochs * (samples // batch), weight_decay=pick("weight_decay"),
-                                       label_smoothing=pick("label_smoothing")))
-        spec = RunSpec(epochs=epochs, batch_size=batch, train_samples=samples, seed=args.seed or 0,
-                       augment=pick("augment") or False, train=optimiser)
+            raise UserError(
+                f"--train-samples {samples} is less than one batch of {batch}: raise it or lower --batch-size"
+            )
+        optimiser = _train_config(
+            dict(
+                lr=pick("lr"),
+                warmup_steps=pick("warmup"),
+                total_steps=epochs * (samples // batch),
+                weight_decay=pick("weight_decay"),
+                label_smoothing=pick("label_smoothing"),
+            )
+        )
+        spec = RunSpec(
+            epochs=epochs,
+            batch_size=batch,
+            train_samples=samples,
+            seed=args.seed or 0,
+            augment=pick("augment") or False,
+            train=optimiser,
+        )
         out = args.out or Path("runs") / (preset or "custom")
         if (out / checkpoint.CONFIG).is_file():
             _refuse_overwrite(out, args.force, "train", "--out", f", or --resume {str(out)!r} to continue it")
     rank, world = launcher_world(backend)
     if spec.batch_size % world:
         raise UserError(f"--batch-size {spec.batch_size} must be divisible by the {world} processes")
-    result = train(backend, cfg, spec, out, preset=preset, data_dir=args.data_dir, resume=args.resume, init=args.init,
-                   val_samples=args.val_samples, save_every=args.save_every, max_steps=args.max_steps,
-                   bf16=args.bf16, quiet=args.quiet, rank=rank, world=world)
+    result = train(
+        backend,
+        cfg,
+        spec,
+        out,
+        preset=preset,
+        data_dir=args.data_dir,
+        resume=args.resume,
+        init=args.init,
+        val_samples=args.val_samples,
+        save_every=args.save_every,
+        max_steps=args.max_steps,
+        bf16=args.bf16,
+        quiet=args.quiet,
+        rank=rank,
+        world=world,
+    )
     if rank == 0:
         best = result["best"]
-        msg = f"saved {out}" + (f" (best val exact match {best['val_exact_match']:.2%} at step {best['step']})"
-                                if best else "")
+        msg = f"saved {out}" + (
+            f" (best val exact match {best['val_exact_match']:.2%} at step {best['step']})" if best else ""
+        )
         print(msg)
 
 
@@ -94,8 +135,11 @@ def _train_config(fields: dict) -> TrainConfig:
     try:
         return TrainConfig(**fields)
     except UserError as e:
-        hint = {"lr": "--lr", "total_steps": "--epochs, --train-samples or --batch-size",
-                "label_smoothing": "--label-smoothing"}.get(getattr(e, "field", None))
+        hint = {
+            "lr": "--lr",
+            "total_steps": "--epochs, --train-samples or --batch-size",
+            "label_smoothing": "--label-smoothing",
+        }.get(getattr(e, "field", None))
         raise UserError(f"{e}" + (f" (set by {hint})" if hint else "")) from None
 
 
@@ -117,15 +161,22 @@ def cmd_eval(args):
     backend = get_backend(args.framework or default_framework(), args.device)
     model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=args.dtype)
     if args.quantize_cache and "absorbed" not in model.decode_modes:
-        raise UserError(f"--quantize-cache quantizes MLA's latent cache; this checkpoint uses "
-                        f"{model.config.attention}: drop the flag")
+        raise UserError(
+            f"--quantize-cache quantizes MLA's latent cache; this checkpoint uses "
+            f"{model.config.attention}: drop the flag"
+        )
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir)
     batch = args.batch_size or (64 if backend.on_cpu else 1024)  # a CPU is busy at 64; a GPU needs thousands
-    m = evaluate_model(backend, model, images, tokens, batch, quiet=args.quiet,
-                       quantize_cache=args.quantize_cache)
-    m.update(framework=backend.name, device=str(backend.device), split=args.split, checkpoint=str(args.checkpoint),
-             dtype=args.dtype, quantize_cache=args.quantize_cache,
-             quantization=checkpoint.read_config(args.checkpoint)[0].quantization)
+    m = evaluate_model(backend, model, images, tokens, batch, quiet=args.quiet, quantize_cache=args.quantize_cache)
+    m.update(
+        framework=backend.name,
+        device=str(backend.device),
+        split=args.split,
+        checkpoint=str(args.checkpoint),
+        dtype=args.dtype,
+        quantize_cache=args.quantize_cache,
+        quantization=checkpoint.read_config(args.checkpoint)[0].quantization,
+    )
     if args.json:
         print(json.dumps(m))
     else:
@@ -137,9 +188,8 @@ def cmd_eval(args):
 def cmd_make_grid(args):
     from mnist_grid import GridStream, decode, save_image
 
-    if args.digits is not None and args.digits > args.grid ** 2:
-        raise UserError(f"--digits {args.digits} does not fit a {args.grid}x{args.grid} grid "
-                        f"(at most {args.grid ** 2})")
+    if args.digits is not None and args.digits > args.grid**2:
+        raise UserError(f"--digits {args.digits} does not fit a {args.grid}x{args.grid} grid (at most {args.grid**2})")
     stream = GridStream(args.split, args.grid, 0, args.data_dir)
     x, tokens = stream.fixed(1, seed=args.seed, k=args.digits)
     save_image(args.out, x[0])
@@ -193,12 +243,21 @@ def cmd_convert(args):
         cfg, _ = _config(args)
     _refuse_overwrite(args.dst, args.force, "convert", "DST")
     if args.dst.suffix and args.dst.suffix.lower() not in FILE_KINDS and not args.dst.is_dir():
-        raise UserError(f"DST {str(args.dst)!r} ends in {args.dst.suffix!r}, not a weights format this project "
-                        f"writes ({', '.join(FILE_KINDS)}); give one of those, or a directory name without an "
-                        "extension for a checkpoint directory")
+        raise UserError(
+            f"DST {str(args.dst)!r} ends in {args.dst.suffix!r}, not a weights format this project "
+            f"writes ({', '.join(FILE_KINDS)}); give one of those, or a directory name without an "
+            "extension for a checkpoint directory"
+        )
     with progress_bar(1, "file", args.quiet, desc="converting"):
-        report = convert(args.src, args.dst, dtype=args.dtype, config=cfg, grid=args.grid,
-                         quantize=args.quantize, group_size=args.group_size)
+        report = convert(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            config=cfg,
+            grid=args.grid,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
     print(report)
 
 
@@ -222,13 +281,19 @@ def cmd_parity(args):
     cfg = None
     if args.config is not None or args.preset:
         cfg, _ = _config(args)
-    report = run_parity(args.reference, args.candidate,
-                        frameworks=parse_list(args.frameworks, FRAMEWORKS, "--frameworks", ()) or None,
-                        dtypes=parse_list(args.dtype, FLOAT_DTYPES, "--dtype", ()),
-                        samples=args.samples,
-                        modes=parse_list(args.modes, ("absorbed", "expanded", "uncached"), "--modes", ()) or None,
-                        tolerances=parse_tolerances(args.tolerance), device=args.device, config=cfg,
-                        grid=args.grid, data_dir=args.data_dir)
+    report = run_parity(
+        args.reference,
+        args.candidate,
+        frameworks=parse_list(args.frameworks, FRAMEWORKS, "--frameworks", ()) or None,
+        dtypes=parse_list(args.dtype, FLOAT_DTYPES, "--dtype", ()),
+        samples=args.samples,
+        modes=parse_list(args.modes, ("absorbed", "expanded", "uncached"), "--modes", ()) or None,
+        tolerances=parse_tolerances(args.tolerance),
+        device=args.device,
+        config=cfg,
+        grid=args.grid,
+        data_dir=args.data_dir,
+    )
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

@@ -1,8 +1,9 @@
 """Data-parallel training under a framework's own launcher; one process needs nothing.
 
-    torchrun --standalone --nproc_per_node N -m mla_mnist train --framework torch ...
-    mlx.launch -n N -- mla-mnist train --framework mlx ...
+torchrun --standalone --nproc_per_node N -m mla_mnist train --framework torch ...
+mlx.launch -n N -- mla-mnist train --framework mlx ...
 """
+
 from __future__ import annotations
 
 from convert.errors import UserError
@@ -16,6 +17,8 @@ def launcher_world(backend) -> tuple[int, int]:
     if framework is None:
         return 0, 1
     if framework != backend.name:  # every rank would train alone and write the same checkpoint
-        raise UserError(f"{LAUNCHERS[framework]} started this --framework {backend.name} run: launch "
-                        f"--framework {backend.name} with {LAUNCHERS[backend.name]}, or pass --framework {framework}")
+        raise UserError(
+            f"{LAUNCHERS[framework]} started this --framework {backend.name} run: launch "
+            f"--framework {backend.name} with {LAUNCHERS[backend.name]}, or pass --framework {framework}"
+        )
     return backend.init_distributed()

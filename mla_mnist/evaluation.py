@@ -1,4 +1,5 @@
 """Greedy evaluation on a fixed set of grids, the same for every framework."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,23 +16,22 @@ def eval_set(split: str, grid: int, samples: int, data_dir=None):
 
 def progress_bar(total: int, unit: str, quiet: bool = False, desc: str | None = None):
     """A tqdm bar on stderr with rate and ETA; silent with quiet, or when stderr is not a terminal."""
-    return tqdm(total=total, unit=unit, desc=desc, disable=True if quiet else None, dynamic_ncols=True,
-                mininterval=0.5)
+    return tqdm(total=total, unit=unit, desc=desc, disable=True if quiet else None, dynamic_ncols=True, mininterval=0.5)
 
 
-def predict_tokens(backend, model, images: np.ndarray, batch_size: int = 256, progress=None,
-                   **kwargs) -> np.ndarray:
+def predict_tokens(backend, model, images: np.ndarray, batch_size: int = 256, progress=None, **kwargs) -> np.ndarray:
     """Greedy tokens of every image, batch by batch; progress: a bar to advance by the grids read."""
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(backend.generate(model, images[i:i + batch_size], **kwargs))
+        out.append(backend.generate(model, images[i : i + batch_size], **kwargs))
         if progress is not None:
             progress.update(len(out[-1]))
     return np.concatenate(out)
 
 
-def evaluate_model(backend, model, images, tokens, batch_size: int = 256, quiet: bool = True,
-                   **generate_kwargs) -> dict:
+def evaluate_model(
+    backend, model, images, tokens, batch_size: int = 256, quiet: bool = True, **generate_kwargs
+) -> dict:
     with progress_bar(len(images), "grid", quiet, desc="reading") as bar:
         pred = predict_tokens(backend, model, images, batch_size, progress=bar, **generate_kwargs)
     return evaluate(decode(pred), decode(tokens))

@@ -4,6 +4,7 @@ JSON keys: path, kind ("checkpoint directory" or the weights file's kind), confi
 parameters, dtype, quantization, files ({name: bytes}), size_bytes, training (null for a bare weights file, or
 {framework, steps, stages, best: {step, val_exact_match, val_digit_accuracy, val_loss} | null, last: {...} | null}).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,11 @@ def training_summary(metrics: dict, state: dict) -> dict | None:
     if stages:
         histories = [r.get("history") or [] for s in stages for r in (s.get("runs") or [s])]
         records = [h for hist in histories for h in hist]
-        steps = sum(max((h.get("step", 0) for h in (r.get("history") or [])), default=0)
-                    for s in stages for r in (s.get("runs") or [s])[:1])  # side-by-side runs share their steps
+        steps = sum(
+            max((h.get("step", 0) for h in (r.get("history") or [])), default=0)
+            for s in stages
+            for r in (s.get("runs") or [s])[:1]
+        )  # side-by-side runs share their steps
         last = records[-1] if records else None
     else:
         records = metrics.get("history") or state.get("history") or []
@@ -66,8 +70,13 @@ def training_summary(metrics: dict, state: dict) -> dict | None:
     best = metrics.get("best") or state.get("best")
     if not best and records:
         best = max(records, key=lambda r: r.get("val_exact_match", -1))
-    return {"framework": metrics.get("framework") or state.get("framework"), "steps": int(steps or 0),
-            "stages": len(stages) if stages else 1, "best": _val(best), "last": _val(last)}
+    return {
+        "framework": metrics.get("framework") or state.get("framework"),
+        "steps": int(steps or 0),
+        "stages": len(stages) if stages else 1,
+        "best": _val(best),
+        "last": _val(last),
+    }
 
 
 def info(path) -> dict:
@@ -76,19 +85,34 @@ def info(path) -> dict:
         path = checkpoint.resolve(path)
         cfg, meta = checkpoint.read_config(path)
         files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
-        return {"path": str(path), "kind": "checkpoint directory", "config": cfg.to_dict(),
-                "preset": meta.get("preset"),
-                "parameters": parameter_count(cfg.replace(quantization=None)), "dtype": meta.get("dtype"),
-                "quantization": cfg.quantization, "files": files, "size_bytes": sum(files.values()),
-                "training": training_summary(_read_json(path / checkpoint.METRICS), _read_json(path / STATE))}
+        return {
+            "path": str(path),
+            "kind": "checkpoint directory",
+            "config": cfg.to_dict(),
+            "preset": meta.get("preset"),
+            "parameters": parameter_count(cfg.replace(quantization=None)),
+            "dtype": meta.get("dtype"),
+            "quantization": cfg.quantization,
+            "files": files,
+            "size_bytes": sum(files.values()),
+            "training": training_summary(_read_json(path / checkpoint.METRICS), _read_json(path / STATE)),
+        }
     from convert.formats import read
 
     src = read(path)
     cfg = src.config
-    return {"path": str(path), "kind": src.what, "config": cfg.to_dict(), "preset": src.preset,
-            "parameters": parameter_count(cfg.replace(quantization=None)), "dtype": src.dtype or "mixed",
-            "quantization": cfg.quantization, "files": {path.name: path.stat().st_size},
-            "size_bytes": path.stat().st_size, "training": None}
+    return {
+        "path": str(path),
+        "kind": src.what,
+        "config": cfg.to_dict(),
+        "preset": src.preset,
+        "parameters": parameter_count(cfg.replace(quantization=None)),
+        "dtype": src.dtype or "mixed",
+        "quantization": cfg.quantization,
+        "files": {path.name: path.stat().st_size},
+        "size_bytes": path.stat().st_size,
+        "training": None,
+    }
 
 
 def _pct(x):
@@ -107,18 +131,24 @@ def format_info(d: dict) -> str:
         f"  dtype       {d['dtype']}",
         "  quantized   " + (f"{q['bits']}-bit, groups of {q['group_size']}" if q else "no"),
         f"  size        {d['size_bytes'] / 1e6:.2f} MB ("
-        + ", ".join(f"{name} {size / 1e6:.2f} MB" if size >= 10_000 else f"{name} {size} B"
-                    for name, size in d["files"].items()) + ")",
+        + ", ".join(
+            f"{name} {size / 1e6:.2f} MB" if size >= 10_000 else f"{name} {size} B" for name, size in d["files"].items()
+        )
+        + ")",
     ]
     t = d["training"]
     if t:
-        lines.append(f"  trained     {t['framework'] or '?'}, {t['steps']:,} steps"
-                     + (f" in {t['stages']} stages" if t["stages"] > 1 else ""))
+        lines.append(
+            f"  trained     {t['framework'] or '?'}, {t['steps']:,} steps"
+            + (f" in {t['stages']} stages" if t["stages"] > 1 else "")
+        )
         for label, r in (("best val", t["best"]), ("last val", t["last"])):
             if r:
-                lines.append(f"  {label:<11} exact match {_pct(r.get('val_exact_match'))}, digits "
-                             f"{_pct(r.get('val_digit_accuracy'))}, loss {r.get('val_loss', float('nan')):.4f} "
-                             f"(step {r.get('step', '?')})")
+                lines.append(
+                    f"  {label:<11} exact match {_pct(r.get('val_exact_match'))}, digits "
+                    f"{_pct(r.get('val_digit_accuracy'))}, loss {r.get('val_loss', float('nan')):.4f} "
+                    f"(step {r.get('step', '?')})"
+                )
     else:
         lines.append("  trained     no training record")
     return "\n".join(lines)

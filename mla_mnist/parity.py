@@ -36,6 +36,7 @@ JSON (--json FILE), schema "mla-mnist.parity/1" (docs/parity.md has an example):
     first_failure: null | {check: "activations" | "greedy" | "round_trip", pair: str, dtype: str | null,
                            boundary: str | null, value: float | null, tolerance: float | null}
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ TOLERANCES = {
 
 
 def tolerance_help() -> str:
-    return "; ".join(f"{d}: layers {t.layer:g}, logits {t.logits:g}, greedy sequences >= {t.min_sequence_agreement:.0%}"
-                     for d, t in TOLERANCES.items())
+    return "; ".join(
+        f"{d}: layers {t.layer:g}, logits {t.logits:g}, greedy sequences >= {t.min_sequence_agreement:.0%}"
+        for d, t in TOLERANCES.items()
+    )
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
@@ -108,8 +111,10 @@ def parse_tolerances(items) -> dict[str, Tolerance]:
         except ValueError:
             x = float("nan")
         if dtype not in FLOAT_DTYPES or (field and field not in fields) or not x >= 0 or x == float("inf"):
-            raise UserError(f"--tolerance {item!r}: expected DTYPE=X or DTYPE.layer|logits|agreement=X, DTYPE one "
-                            f"of {', '.join(FLOAT_DTYPES)}, X a finite number >= 0")
+            raise UserError(
+                f"--tolerance {item!r}: expected DTYPE=X or DTYPE.layer|logits|agreement=X, DTYPE one "
+                f"of {', '.join(FLOAT_DTYPES)}, X a finite number >= 0"
+            )
         t = out[dtype]
         changes = {"layer": x, "logits": x} if not field else {fields[field]: x}
         out[dtype] = Tolerance(**{**t.__dict__, **changes})
@@ -146,8 +151,9 @@ def _same_model(a: ModelConfig, b: ModelConfig):
     diff = [k for k in da if da[k] != db.get(k) and k != "grid"]
     if diff:
         what = ", ".join(f"{k} {da[k]} vs {db.get(k)}" for k in diff[:3])
-        raise UserError(f"REFERENCE and CANDIDATE are different models ({what}): parity compares one model's "
-                        "weights in two places")
+        raise UserError(
+            f"REFERENCE and CANDIDATE are different models ({what}): parity compares one model's weights in two places"
+        )
 
 
 class Run:
@@ -174,8 +180,11 @@ def _compare(a: np.ndarray, b: np.ndarray) -> dict:
     scale = float(np.abs(a64).max())
     denom = float(np.linalg.norm(a64) * np.linalg.norm(b64))
     cosine = float(a64 @ b64 / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
-    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-            "cosine": cosine}
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        "cosine": cosine,
+    }
 
 
 def _margins(run: Run, images, tokens, grids, positions) -> list[float]:
@@ -196,26 +205,54 @@ def _greedy_compare(ref: Run, cand: Run, images, key, near_tie: float) -> dict:
     rows = np.flatnonzero((a != b).any(axis=1))
     positions = [int(np.flatnonzero(a[g] != b[g])[0]) for g in rows]
     margins = _margins(ref, images, a, rows, positions) if len(rows) else []
-    return {"token_agreement": token_agreement, "sequence_agreement": 1 - len(rows) / len(a),
-            "near_tie_margin": near_tie,
-            "disagreements": [{"grid": int(g), "position": p, "reference_margin": m, "near_tie": m <= near_tie}
-                              for g, p, m in zip(rows, positions, margins)]}
+    return {
+        "token_agreement": token_agreement,
+        "sequence_agreement": 1 - len(rows) / len(a),
+        "near_tie_margin": near_tie,
+        "disagreements": [
+            {"grid": int(g), "position": p, "reference_margin": m, "near_tie": m <= near_tie}
+            for g, p, m in zip(rows, positions, margins)
+        ],
+    }
 
 
 def _round_trip(saver, loader, model, expected: dict[str, np.ndarray], tmp: Path, name: str) -> dict:
     """`saver` writes the model's checkpoint, `loader` reads it back: its weights must be `expected` exactly."""
     saver.save(model, tmp / name)
     back = loader.weights(loader.load(tmp / name))
-    mismatched = sorted(k for k in expected.keys() | back.keys()
-                        if k not in back or k not in expected or back[k].shape != expected[k].shape
-                        or not np.array_equal(back[k], expected[k]))
-    return {"weights": name, "saved_by": saver.name, "loaded_by": loader.name, "tensors": len(expected),
-            "exact": not mismatched, "mismatched": mismatched[:20]}
+    mismatched = sorted(
+        k
+        for k in expected.keys() | back.keys()
+        if k not in back
+        or k not in expected
+        or back[k].shape != expected[k].shape
+        or not np.array_equal(back[k], expected[k])
+    )
+    return {
+        "weights": name,
+        "saved_by": saver.name,
+        "loaded_by": loader.name,
+        "tensors": len(expected),
+        "exact": not mismatched,
+        "mismatched": mismatched[:20],
+    }
 
 
 # ---- the suite ------------------------------------------------------------------------------------------------
-def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTYPES, samples=DEFAULT_SAMPLES,
-               modes=None, tolerances=None, device="auto", config=None, grid=None, data_dir=None) -> dict:
+def run_parity(
+    reference,
+    candidate=None,
+    *,
+    frameworks=None,
+    dtypes=DEFAULT_DTYPES,
+    samples=DEFAULT_SAMPLES,
+    modes=None,
+    tolerances=None,
+    device="auto",
+    config=None,
+    grid=None,
+    data_dir=None,
+) -> dict:
     tolerances = tolerances or TOLERANCES
     frameworks = tuple(frameworks or [f for f in FRAMEWORKS if installed(f)])
     if not frameworks:
@@ -235,8 +272,9 @@ def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTY
 
     runs: dict[tuple[str, str], Run] = {}
     for dtype in dtypes:
-        runs["reference", dtype] = Run(labels[0] if two else f_ref, "reference", backends[f_ref], ref_side, dtype,
-                                       False)
+        runs["reference", dtype] = Run(
+            labels[0] if two else f_ref, "reference", backends[f_ref], ref_side, dtype, False
+        )
         if two:
             quantized_dir = cand_side.quantization is not None and cand_side.path.is_dir()
             runs["candidate", dtype] = Run(labels[1], "candidate", backends[f_cand], cand_side, dtype, quantized_dir)
@@ -253,8 +291,9 @@ def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTY
     for k, run in runs.items():
         traces[k] = run.backend.trace(run.model, images, teacher)
         for mode, cache in keys:
-            run.greedy[mode, cache] = predict_tokens(run.backend, run.model, images, mode=mode,
-                                                     quantize_cache=cache == "int8")
+            run.greedy[mode, cache] = predict_tokens(
+                run.backend, run.model, images, mode=mode, quantize_cache=cache == "int8"
+            )
     boundaries = list(traces["reference", dtypes[0]])
 
     pairs = []  # (pair label, dtype, reference run key, candidate run key)
@@ -262,7 +301,7 @@ def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTY
         for dtype in dtypes:
             pairs.append((f"{labels[0]} vs {labels[1]}", dtype, ("reference", dtype), ("candidate", dtype)))
     if "float32" in dtypes:
-        for role in (("reference", "candidate") if two else ("reference",)):
+        for role in ("reference", "candidate") if two else ("reference",):
             for dtype in dtypes:
                 if dtype != "float32":
                     lab = runs[role, dtype].label
@@ -277,15 +316,34 @@ def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTY
             limit = tol.logits if b == "logits" else tol.layer
             layers.append({"boundary": b, **m, "tolerance": limit, "ok": m["max_rel"] <= limit})
         over = next((x["boundary"] for x in layers if not x["ok"]), None)
-        activations.append({"pair": pair, "dtype": dtype, "reference": runs[rk].name, "candidate": runs[ck].name,
-                            "ok": over is None, "first_over": over, "layers": layers})
+        activations.append(
+            {
+                "pair": pair,
+                "dtype": dtype,
+                "reference": runs[rk].name,
+                "candidate": runs[ck].name,
+                "ok": over is None,
+                "first_over": over,
+                "layers": layers,
+            }
+        )
         near_tie = 2 * layers[-1]["max_abs"]
         for key in keys:
             g = _greedy_compare(runs[rk], runs[ck], images, key, near_tie)
             ok = g["sequence_agreement"] >= tol.min_sequence_agreement or all(d["near_tie"] for d in g["disagreements"])
-            greedy.append({"pair": pair, "dtype": dtype, "mode": key[0], "cache": key[1],
-                           "reference": runs[rk].name, "candidate": runs[ck].name, **g,
-                           "min_sequence_agreement": tol.min_sequence_agreement, "ok": ok})
+            greedy.append(
+                {
+                    "pair": pair,
+                    "dtype": dtype,
+                    "mode": key[0],
+                    "cache": key[1],
+                    "reference": runs[rk].name,
+                    "candidate": runs[ck].name,
+                    **g,
+                    "min_sequence_agreement": tol.min_sequence_agreement,
+                    "ok": ok,
+                }
+            )
 
     round_trip = []
     with tempfile.TemporaryDirectory(prefix="mla-mnist-parity-") as tmp:
@@ -298,20 +356,35 @@ def run_parity(reference, candidate=None, *, frameworks=None, dtypes=DEFAULT_DTY
         if two:
             cand = runs.get(("candidate", "float32"))
             if cand is None:
-                cand = Run("", "", b, cand_side, "float32", cand_side.quantization is not None and
-                           cand_side.path.is_dir())
+                cand = Run(
+                    "", "", b, cand_side, "float32", cand_side.quantization is not None and cand_side.path.is_dir()
+                )
             round_trip.append(_round_trip(b, a, cand.model, cand_side.weights, tmp, "candidate"))
 
     report = {
         "schema": SCHEMA,
-        "reference": {"path": str(ref_side.path), "what": ref_side.what, "framework": f_ref,
-                      "quantization": ref_side.quantization},
-        "candidate": {"path": str(cand_side.path), "what": cand_side.what, "framework": f_cand if two else f_ref,
-                      "quantization": cand_side.quantization},
-        "samples": int(len(images)), "grid": cfg.grid, "device": str(device), "dtypes": list(dtypes),
-        "modes": list(modes), "boundaries": boundaries,
+        "reference": {
+            "path": str(ref_side.path),
+            "what": ref_side.what,
+            "framework": f_ref,
+            "quantization": ref_side.quantization,
+        },
+        "candidate": {
+            "path": str(cand_side.path),
+            "what": cand_side.what,
+            "framework": f_cand if two else f_ref,
+            "quantization": cand_side.quantization,
+        },
+        "samples": int(len(images)),
+        "grid": cfg.grid,
+        "device": str(device),
+        "dtypes": list(dtypes),
+        "modes": list(modes),
+        "boundaries": boundaries,
         "tolerances": {d: dict(tolerances[d].__dict__) for d in dtypes},
-        "activations": activations, "greedy": greedy, "round_trip": round_trip,
+        "activations": activations,
+        "greedy": greedy,
+        "round_trip": round_trip,
     }
     report["first_failure"] = _first_failure(report)
     report["passed"] = report["first_failure"] is None
@@ -325,17 +398,36 @@ def _first_failure(report) -> dict | None:
     if bad:
         _, c = min(bad, key=lambda x: x[0])
         layer = next(x for x in c["layers"] if x["boundary"] == c["first_over"])
-        return {"check": "activations", "pair": c["pair"], "dtype": c["dtype"], "boundary": c["first_over"],
-                "value": layer["max_rel"], "tolerance": layer["tolerance"]}
+        return {
+            "check": "activations",
+            "pair": c["pair"],
+            "dtype": c["dtype"],
+            "boundary": c["first_over"],
+            "value": layer["max_rel"],
+            "tolerance": layer["tolerance"],
+        }
     for g in report["greedy"]:
         if not g["ok"]:
-            return {"check": "greedy", "pair": g["pair"], "dtype": g["dtype"], "boundary": None,
-                    "value": g["sequence_agreement"], "tolerance": g["min_sequence_agreement"],
-                    "mode": g["mode"], "cache": g["cache"]}
+            return {
+                "check": "greedy",
+                "pair": g["pair"],
+                "dtype": g["dtype"],
+                "boundary": None,
+                "value": g["sequence_agreement"],
+                "tolerance": g["min_sequence_agreement"],
+                "mode": g["mode"],
+                "cache": g["cache"],
+            }
     for r in report["round_trip"]:
         if not r["exact"]:
-            return {"check": "round_trip", "pair": f"saved by {r['saved_by']}, loaded by {r['loaded_by']}",
-                    "dtype": None, "boundary": None, "value": None, "tolerance": None}
+            return {
+                "check": "round_trip",
+                "pair": f"saved by {r['saved_by']}, loaded by {r['loaded_by']}",
+                "dtype": None,
+                "boundary": None,
+                "value": None,
+                "tolerance": None,
+            }
     return None
 
 
@@ -344,15 +436,22 @@ def _verdict(report) -> str:
     where = f"{report['samples']} test grids, {', '.join(report['dtypes'])}"
     f = report["first_failure"]
     if f is None:
-        return (f"PASS: {n_act} activation and {n_greedy} greedy comparisons within tolerance ({where}); "
-                f"round trip bit-exact")
-    failed = (sum(not c["ok"] for c in report["activations"]) + sum(not g["ok"] for g in report["greedy"])
-              + sum(not r["exact"] for r in report["round_trip"]))
+        return (
+            f"PASS: {n_act} activation and {n_greedy} greedy comparisons within tolerance ({where}); "
+            f"round trip bit-exact"
+        )
+    failed = (
+        sum(not c["ok"] for c in report["activations"])
+        + sum(not g["ok"] for g in report["greedy"])
+        + sum(not r["exact"] for r in report["round_trip"])
+    )
     if f["check"] == "activations":
-        what = (f"{f['boundary']} ({f['dtype']}, {f['pair']}) max rel {f['value']:.2e} > {f['tolerance']:.0e}")
+        what = f"{f['boundary']} ({f['dtype']}, {f['pair']}) max rel {f['value']:.2e} > {f['tolerance']:.0e}"
     elif f["check"] == "greedy":
-        what = (f"greedy {f['mode']}/{f['cache']} ({f['dtype']}, {f['pair']}) sequences {f['value']:.1%} < "
-                f"{f['tolerance']:.0%}")
+        what = (
+            f"greedy {f['mode']}/{f['cache']} ({f['dtype']}, {f['pair']}) sequences {f['value']:.1%} < "
+            f"{f['tolerance']:.0%}"
+        )
     else:
         what = f"round trip {f['pair']}: weights differ"
     return f"FAIL: {failed} check(s) over tolerance ({where}); first over tolerance: {what}"
@@ -362,8 +461,11 @@ def _verdict(report) -> str:
 def format_report(report) -> str:
     lines = [report["verdict"], ""]
     r, c = report["reference"], report["candidate"]
-    lines.append(f"reference {r['path']} ({r['what']}) in {r['framework']}; candidate {c['path']} ({c['what']}"
-                 + (f", {c['quantization']['bits']}-bit" if c["quantization"] else "") + f") in {c['framework']}")
+    lines.append(
+        f"reference {r['path']} ({r['what']}) in {r['framework']}; candidate {c['path']} ({c['what']}"
+        + (f", {c['quantization']['bits']}-bit" if c["quantization"] else "")
+        + f") in {c['framework']}"
+    )
     acts = report["activations"]
     if acts:
         lines += ["", "max relative difference per layer (max |d| / max |reference|; * over tolerance)"]
@@ -377,28 +479,36 @@ def format_report(report) -> str:
                 x = a["layers"][i]
                 cells.append((f"{x['max_rel']:.2e}" + ("*" if not x["ok"] else " ")).rjust(w))
             lines.append(b.ljust(bw) + "".join(cells))
-        lines.append("tolerance".ljust(bw) + "".join(
-            (f"{a['layers'][0]['tolerance']:.0e}/{a['layers'][-1]['tolerance']:.0e} ").rjust(w) for a in acts))
-        lines.append("min cosine".ljust(bw) + "".join(
-            (f"{min(x['cosine'] for x in a['layers']):.6f} ").rjust(w) for a in acts))
+        lines.append(
+            "tolerance".ljust(bw)
+            + "".join((f"{a['layers'][0]['tolerance']:.0e}/{a['layers'][-1]['tolerance']:.0e} ").rjust(w) for a in acts)
+        )
+        lines.append(
+            "min cosine".ljust(bw) + "".join((f"{min(x['cosine'] for x in a['layers']):.6f} ").rjust(w) for a in acts)
+        )
         lines.append("max |d| logits".ljust(bw) + "".join(f"{a['layers'][-1]['max_abs']:.2e} ".rjust(w) for a in acts))
     if report["greedy"]:
         lines += ["", "greedy read-outs (grid@position:reference margin; ~ near tie)"]
         w = max(len(g["pair"]) for g in report["greedy"]) + 2
         lines.append("pair".ljust(w) + "dtype     mode      cache   tokens  sequences  differing")
         for g in report["greedy"]:
-            diff = " ".join(f"{d['grid']}@{d['position']}:{d['reference_margin']:.2f}" + ("~" if d["near_tie"] else "")
-                            for d in g["disagreements"][:6])
+            diff = " ".join(
+                f"{d['grid']}@{d['position']}:{d['reference_margin']:.2f}" + ("~" if d["near_tie"] else "")
+                for d in g["disagreements"][:6]
+            )
             more = len(g["disagreements"]) - 6
             diff += f" (+{more})" if more > 0 else ""
-            lines.append(f"{g['pair'].ljust(w)}{g['dtype']:<10}{g['mode']:<10}{g['cache']:<6}"
-                         f"{g['token_agreement']:>8.2%}{g['sequence_agreement']:>10.2%}{'' if g['ok'] else '*'}  "
-                         f"{diff or '-'}")
+            lines.append(
+                f"{g['pair'].ljust(w)}{g['dtype']:<10}{g['mode']:<10}{g['cache']:<6}"
+                f"{g['token_agreement']:>8.2%}{g['sequence_agreement']:>10.2%}{'' if g['ok'] else '*'}  "
+                f"{diff or '-'}"
+            )
     lines.append("")
     for t in report["round_trip"]:
-        lines.append(f"round trip of the {t['weights']}: saved by {t['saved_by']}, loaded by {t['loaded_by']}: "
-                     f"{t['tensors']} tensors "
-                     + ("bit-exact" if t["exact"] else f"DIFFER ({', '.join(t['mismatched'][:4])})"))
+        lines.append(
+            f"round trip of the {t['weights']}: saved by {t['saved_by']}, loaded by {t['loaded_by']}: "
+            f"{t['tensors']} tensors " + ("bit-exact" if t["exact"] else f"DIFFER ({', '.join(t['mismatched'][:4])})")
+        )
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Training curves from a checkpoint's metrics.json (one run, or the stages of a multi-stage recipe, where a
 stage may hold several runs side by side under "runs")."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
             ax_loss.plot(ep, [r["train_loss"] for r in h], "-o", ms=3, label=f"train {tag}")
             ax_loss.plot(ep, [r["val_loss"] for r in h], "--o", ms=3, label=f"val {tag}")
             ax_acc.plot(ep, [100 * r["val_exact_match"] for r in h], "-o", ms=3, label=f"val exact match {tag}")
-            ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3,
-                        label=f"val digit accuracy {tag}")
+            ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3, label=f"val digit accuracy {tag}")
             end = max(end, ep[-1])
         offset = end
     ax_loss.set(yscale="log", xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -55,4 +55,6 @@ if __name__ == "__main__":
     import sys
 
     src = Path(sys.argv[1])
-    training_curves(json.loads((src / "metrics.json").read_text()), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
+    training_curves(
+        json.loads((src / "metrics.json").read_text()), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""
+    )

@@ -1,4 +1,5 @@
 """`mla-mnist show`: an image, the digits read from it, and where the decoder looked for each digit."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def attention_maps(backend, model, images: np.ndarray, layers: str = "last"):
     side = cfg.image_size // cfg.patch
     digits = decode(tokens)
     # Query t predicts token t + 1, so digit j (token j + 1) comes from query j.
-    maps = [w[b, :len(d), 1:].reshape(len(d), side, side).astype(np.float32) for b, d in enumerate(digits)]
+    maps = [w[b, : len(d), 1:].reshape(len(d), side, side).astype(np.float32) for b, d in enumerate(digits)]
     return digits, maps
 
 
@@ -42,8 +43,14 @@ def _overlay(heat: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def draw(image: np.ndarray, digits: str, maps: np.ndarray, title: str | None = None, caption: str | None = None,
-         columns: int = 8):
+def draw(
+    image: np.ndarray,
+    digits: str,
+    maps: np.ndarray,
+    title: str | None = None,
+    caption: str | None = None,
+    columns: int = 8,
+):
     """A matplotlib Figure (no pyplot: safe in scripts and notebooks): the image and one panel per digit."""
     from matplotlib.figure import Figure
 
@@ -99,8 +106,12 @@ def show(checkpoint_dir, image_path, out, device="auto", framework=None, layers=
     model = backend.load(checkpoint_dir)
     digits, maps = attention_maps(backend, model, image[None], layers)
     which = "last decoder layer" if layers == "last" else "all decoder layers averaged"
-    fig = draw(image, digits[0], maps[0], title=f"{Path(image_path).name}: {digits[0] or '(no digits)'}",
-               caption=f"where the decoder's cross-attention looked while writing each digit ({which}, "
-                       "heads averaged)")
+    fig = draw(
+        image,
+        digits[0],
+        maps[0],
+        title=f"{Path(image_path).name}: {digits[0] or '(no digits)'}",
+        caption=f"where the decoder's cross-attention looked while writing each digit ({which}, heads averaged)",
+    )
     save_figure(fig, out)
     return digits[0]

@@ -1,4 +1,5 @@
 """The training loop both frameworks share: data stream, schedule, progress, validation, checkpoints, resume."""
+
 from __future__ import annotations
 
 import functools
@@ -30,6 +31,7 @@ OPTIMIZER = "optimizer.safetensors"
 @dataclass
 class RunSpec:
     """Everything that fixes a run's data order and schedule: resume refuses to change it."""
+
     epochs: int
     batch_size: int
     train_samples: int
@@ -61,15 +63,19 @@ def batch_source(stream: GridStream, steps, steps_per_epoch, batch_size, rank, w
 def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
     path = checkpoint.resolve(path)
     if not (path / STATE).is_file() or not (path / OPTIMIZER).is_file():
-        raise UserError(f"{path} has no training state ({STATE}, {OPTIMIZER}): it can be evaluated, not resumed; "
-                        "resume from the --out directory of a training run")
+        raise UserError(
+            f"{path} has no training state ({STATE}, {OPTIMIZER}): it can be evaluated, not resumed; "
+            "resume from the --out directory of a training run"
+        )
     try:
         state = checkpoint.read_json(path / STATE, "the training state")
     except UserError:
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("spec"), dict):
-        raise UserError(f"{path / STATE} is corrupt (not the JSON a training run writes); "
-                        "resume from an intact checkpoint or start a new run")
+        raise UserError(
+            f"{path / STATE} is corrupt (not the JSON a training run writes); "
+            "resume from an intact checkpoint or start a new run"
+        )
     check_run_state(state, path / STATE)
     arrays, _, _ = safetensors_np.read(path / OPTIMIZER)
     check_optimizer_state(arrays, path / OPTIMIZER)
@@ -77,9 +83,11 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
     shapes = _optimizer_shapes(config)
     bad = [k for k, v in arrays.items() if k in shapes and v.shape != shapes[k]]
     if "step" not in arrays or bad or not all(k in shapes or k.startswith("rng.") for k in arrays):
-        raise UserError(f"{path / OPTIMIZER} does not match the checkpoint's model "
-                        f"({'no step' if 'step' not in arrays else ', '.join(bad[:3]) or 'unknown tensors'}); "
-                        "resume from an intact checkpoint or start a new run")
+        raise UserError(
+            f"{path / OPTIMIZER} does not match the checkpoint's model "
+            f"({'no step' if 'step' not in arrays else ', '.join(bad[:3]) or 'unknown tensors'}); "
+            "resume from an intact checkpoint or start a new run"
+        )
     return state, arrays
 
 
@@ -94,8 +102,7 @@ class Progress:
     """tqdm bar with loss, lr, samples/s; reads the loss back only every few steps to avoid host syncs."""
 
     def __init__(self, total, initial, batch_size, quiet):
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=quiet,
-                        mininterval=0.5)
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=quiet, mininterval=0.5)
         self.batch_size, self.t0, self.n0 = batch_size, time.perf_counter(), initial
 
     def update(self, step, loss, lr, every=10):
@@ -110,6 +117,7 @@ class Progress:
 
 def _holding_out_lock(fn):
     """Rank 0 holds `out`'s run lock for the whole run: a second training into it refuses at once."""
+
     @functools.wraps(fn)
     def locked(backend, config, spec, out, *args, rank=0, **kwargs):
         if rank != 0:
@@ -117,13 +125,30 @@ def _holding_out_lock(fn):
         checkpoint.check_writable(out)  # its messages are the precise ones for a bad --out
         with checkpoint.run_lock(out):
             return fn(backend, config, spec, out, *args, rank=rank, **kwargs)
+
     return locked
 
 
 @_holding_out_lock
-def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None, data_dir=None,
-          resume=None, init=None, val_samples=512, save_every=0, max_steps=0, bf16=False, quiet=False,
-          rank=0, world=1, log=print) -> dict:
+def train(
+    backend,
+    config: ModelConfig,
+    spec: RunSpec,
+    out: Path,
+    *,
+    preset=None,
+    data_dir=None,
+    resume=None,
+    init=None,
+    val_samples=512,
+    save_every=0,
+    max_steps=0,
+    bf16=False,
+    quiet=False,
+    rank=0,
+    world=1,
+    log=print,
+) -> dict:
     """Train, validating and checkpointing to `out` after every epoch; returns the final metrics."""
     out = Path(out)
     if rank == 0:
@@ -142,13 +167,17 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
         state, arrays = read_state(resume)
         saved_cfg, _ = checkpoint.read_config(resume)
         if saved_cfg != config:
-            raise UserError(f"--resume {resume}: the checkpoint's model config differs from the one asked for; "
-                            "drop --preset/--config to continue with the checkpoint's own")
+            raise UserError(
+                f"--resume {resume}: the checkpoint's model config differs from the one asked for; "
+                "drop --preset/--config to continue with the checkpoint's own"
+            )
         asked = json.loads(json.dumps(spec.to_dict()))  # as stored: tuples become lists
         if state["spec"] != asked:
             diff = [k for k in {**state["spec"], **asked} if state["spec"].get(k) != asked.get(k)]
-            raise UserError(f"--resume {resume}: {', '.join(diff)} differ from the interrupted run's; resume "
-                            "continues the same run, so leave them as they were")
+            raise UserError(
+                f"--resume {resume}: {', '.join(diff)} differ from the interrupted run's; resume "
+                "continues the same run, so leave them as they were"
+            )
         _, weights, _ = checkpoint.load(resume)
         backend.load_weights(model, weights)
         trainer.load_state(arrays)
@@ -157,15 +186,16 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
     total = spec.epochs * spec.steps_per_epoch
     stop_at = min(total, max_steps) if max_steps else total
     if rank == 0:
-        log(f"training {config.attention} model ({parameter_count(config) / 1e6:.2f}M params) "
+        log(
+            f"training {config.attention} model ({parameter_count(config) / 1e6:.2f}M params) "
             f"on {backend.name}:{backend.device}, {spec.epochs} epoch(s) x {spec.steps_per_epoch} steps of "
-            f"{spec.batch_size} grids, from step {start}")
+            f"{spec.batch_size} grids, from step {start}"
+        )
     progress = Progress(stop_at, start, spec.batch_size, quiet or rank != 0)
     t_epoch, losses = time.perf_counter(), []
     step = start
     renderer = None if backend.on_cpu else backend.grid_renderer(stream.images)
-    batches = batch_source(stream, range(start, stop_at), spec.steps_per_epoch, spec.batch_size, rank, world,
-                           renderer)
+    batches = batch_source(stream, range(start, stop_at), spec.steps_per_epoch, spec.batch_size, rank, world, renderer)
     for step in range(start, stop_at):
         epoch, index = divmod(step, spec.steps_per_epoch)
         x, y = next(batches)
@@ -178,11 +208,27 @@ def train(backend, config: ModelConfig, spec: RunSpec, out: Path, *, preset=None
             if end_of_epoch or step + 1 == stop_at:
                 train_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
                 if not math.isfinite(train_loss):
-                    kept = (f"the last checkpoint saved in {out} is kept" if (out / checkpoint.CONFIG).is_file()
-                            else "no checkpoint was saved")
+                    kept = (
+                        f"the last checkpoint saved in {out} is kept"
+                        if (out / checkpoint.CONFIG).is_file()
+                        else "no checkpoint was saved"
+                    )
                     raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); {kept}: lower --lr")
-                record = _validate(backend, model, trainer, val_x, val_y, epoch + (index + 1) / spec.steps_per_epoch,
-                                   step + 1, train_loss, spec, time.perf_counter() - t_epoch, len(losses), rank, world)
+                record = _validate(
+                    backend,
+                    model,
+                    trainer,
+                    val_x,
+                    val_y,
+                    epoch + (index + 1) / spec.steps_per_epoch,
+                    step + 1,
+                    train_loss,
+                    spec,
+                    time.perf_counter() - t_epoch,
+                    len(losses),
+                    rank,
+                    world,
+                )
                 history.append(record)
                 losses, t_epoch = [], time.perf_counter()
                 if rank == 0:
@@ -200,8 +246,8 @@ def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:
     """[loss sum, targets, exact matches, digit edits, target digits, grids] over these grids."""
     sums = np.zeros(6)
     for i in range(0, len(x), 256):
-        targets = int((y[i:i + 256, 1:] != PAD).sum())
-        sums[:2] += trainer.eval_loss(x[i:i + 256], y[i:i + 256]) * targets, targets
+        targets = int((y[i : i + 256, 1:] != PAD).sum())
+        sums[:2] += trainer.eval_loss(x[i : i + 256], y[i : i + 256]) * targets, targets
     if len(x):
         sums[2:] = counts(zip(decode(predict_tokens(backend, model, x)), decode(y)))
     return sums
@@ -211,24 +257,39 @@ def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, sp
     # Each rank scores its own slice of the validation grids; the sums over ranks score the whole set.
     rows = slice(rank * len(val_x) // world, (rank + 1) * len(val_x) // world)
     loss_sum, targets, exact, edits, digits, grids = backend.all_sum(
-        _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])).tolist()
-    return {"epoch": round(epoch, 4), "step": step, "lr": spec.train.lr_at(step - 1), "train_loss": train_loss,
-            "val_loss": loss_sum / targets, "val_exact_match": exact / grids, "val_digit_accuracy": digit_accuracy(edits, digits),
-            "samples_per_s": steps * spec.batch_size / max(seconds, 1e-9), "seconds": seconds}
+        _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])
+    ).tolist()
+    return {
+        "epoch": round(epoch, 4),
+        "step": step,
+        "lr": spec.train.lr_at(step - 1),
+        "train_loss": train_loss,
+        "val_loss": loss_sum / targets,
+        "val_exact_match": exact / grids,
+        "val_digit_accuracy": digit_accuracy(edits, digits),
+        "samples_per_s": steps * spec.batch_size / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
 
 
 def _line(r):
-    return (f"epoch {r['epoch']:.2f} step {r['step']}: train loss {r['train_loss']:.4f}  val loss "
-            f"{r['val_loss']:.4f}  val exact {r['val_exact_match']:.2%}  val digits {r['val_digit_accuracy']:.2%}  "
-            f"{r['samples_per_s']:.0f} samples/s")
+    return (
+        f"epoch {r['epoch']:.2f} step {r['step']}: train loss {r['train_loss']:.4f}  val loss "
+        f"{r['val_loss']:.4f}  val exact {r['val_exact_match']:.2%}  val digits {r['val_digit_accuracy']:.2%}  "
+        f"{r['samples_per_s']:.0f} samples/s"
+    )
 
 
 def _save(backend, model, trainer, out, config, preset, spec, history, best, improved):
     weights = backend.weights(model)
-    state = {"step": trainer.step_count, "framework": backend.name, "spec": spec.to_dict(),
-             "history": history, "best": best}
-    files = {STATE: json.dumps(state, indent=2).encode(),
-             OPTIMIZER: lambda p: safetensors_np.write(p, trainer.state())}
+    state = {
+        "step": trainer.step_count,
+        "framework": backend.name,
+        "spec": spec.to_dict(),
+        "history": history,
+        "best": best,
+    }
+    files = {STATE: json.dumps(state, indent=2).encode(), OPTIMIZER: lambda p: safetensors_np.write(p, trainer.state())}
     if improved:
         files[checkpoint.BEST] = lambda p: safetensors_np.write(p, weights)
     metrics = {"history": history, "best": best, "framework": backend.name}

@@ -1,4 +1,5 @@
 """PyTorch implementation of the MLA encoder-decoder (mirrored file for file by mla_mlx)."""
+
 from .checkpoint import build, load, save
 from .generate import generate
 from .model import EncoderDecoder

@@ -2,6 +2,7 @@
 
 mla_mlx/backend.py has the same class with the same methods and signatures (a test checks it).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -89,8 +90,10 @@ class Backend:
             return fn(), None
         torch.cuda.reset_peak_memory_stats(self.device)
         out = fn()
-        return out, {"peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
-                     "peak_memory_method": "torch.cuda.max_memory_allocated (weights included)"}
+        return out, {
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
+            "peak_memory_method": "torch.cuda.max_memory_allocated (weights included)",
+        }
 
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""
@@ -103,7 +106,7 @@ class Backend:
             self.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        return 2 * n ** 3 / statistics.median(times) / 1e9
+        return 2 * n**3 / statistics.median(times) / 1e9
 
     # ---- arrays -------------------------------------------------------------------------------------
     def array(self, x: np.ndarray, dtype: str | None = None):
@@ -143,8 +146,9 @@ class Backend:
 
     def trainer(self, model, train_config, bf16: bool = False, world: int = 1) -> Trainer:
         # On CUDA the step is compiled (paid once, minutes saved), as MLX always compiles its step.
-        return Trainer(model, train_config, device=self.device, bf16=bf16, world=world,
-                       compile=self.device.startswith("cuda"))
+        return Trainer(
+            model, train_config, device=self.device, bf16=bf16, world=world, compile=self.device.startswith("cuda")
+        )
 
     def grid_renderer(self, digits: np.ndarray):
         """A renderer of training grids on this device (digits uploaded once as uint8): `.render(draw, rows)`."""
@@ -199,5 +203,3 @@ class Backend:
         t = torch.from_numpy(x).to(self.device)
         torch.distributed.all_reduce(t)
         return t.cpu().numpy()
-
-

@@ -1,4 +1,5 @@
 """Decoding caches. MLA keeps only the latent c and the shared rotary key k_pe per position."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,8 @@ class LatentCache:
     def update(self, c, k_pe):
         """Append c [B, T, kv_rank] and k_pe [B, T, rope_dim]; return every cached position [B, L, r + rope]."""
         start, end = self.length, self.length + c.shape[1]
-        self.kv[:, start:end, :self.kv_rank] = c
-        self.kv[:, start:end, self.kv_rank:] = k_pe
+        self.kv[:, start:end, : self.kv_rank] = c
+        self.kv[:, start:end, self.kv_rank :] = k_pe
         self.length = end
         return self.kv[:, :end]
 

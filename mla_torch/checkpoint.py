@@ -1,4 +1,5 @@
 """Save/load the shared checkpoint directory from a torch model (weights go through numpy)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,12 @@ def save(model, path, dtype: str | None = None, **kwargs):
     return checkpoint.save(path, model.config, to_numpy(model), dtype=dtype, **kwargs)
 
 
-def load(path=checkpoint.SHIPPED, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         weights: str = checkpoint.WEIGHTS) -> EncoderDecoder:
+def load(
+    path=checkpoint.SHIPPED,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights: str = checkpoint.WEIGHTS,
+) -> EncoderDecoder:
     config, arrays, _ = checkpoint.load(path, weights)
     if config.quantization:  # torch runs a quantized checkpoint dequantized (in numpy, exactly as MLX would)
         q = config.quantization

@@ -1,4 +1,5 @@
 """Batched autoregressive decoding: greedy or sampled, with the latent cache or the original full re-run."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
     modes = model.decode_modes
     mode = modes[0] if mode is None else mode
     if mode not in modes:
-        raise ValueError(f"decoding mode {mode!r} is not one of this {model.config.attention} model's: "
-                         f"{', '.join(modes)}")
+        raise ValueError(
+            f"decoding mode {mode!r} is not one of this {model.config.attention} model's: {', '.join(modes)}"
+        )
     if quantize_cache and (mode == "uncached" or "absorbed" not in modes):
         raise ValueError("the int8 cache is MLA's latent cache: it needs an MLA model and a cached mode")
     return mode
@@ -32,14 +34,24 @@ def _next_logits(model, tokens, t, mode, enc, cache):
     """Logits [B, vocab] for position t, given tokens[:, :t]."""
     if mode == "uncached":  # the original algorithm: the whole prefix, cross-attention K/V expanded again
         return model.decode(tokens[:, :t], model.memories(enc))[:, -1]
-    last = tokens[:, t - 1:t]
+    last = tokens[:, t - 1 : t]
     return (model.step(last, cache) if mode == "absorbed" else model.decode(last, cache.memories, cache))[:, -1]
 
 
 @torch.no_grad()
-def generate(model, images=None, max_length: int | None = None, mode: str | None = None, temperature: float = 0.0,
-             top_k: int | None = None, seed: int | None = None, stop: bool = True, return_cache: bool = False,
-             quantize_cache: bool = False, encoded=None):
+def generate(
+    model,
+    images=None,
+    max_length: int | None = None,
+    mode: str | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: bool = True,
+    return_cache: bool = False,
+    quantize_cache: bool = False,
+    encoded=None,
+):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
     mode: "absorbed" (the latent cache, attention in latent space: MLA), "expanded" (a cache, K/V expanded from

@@ -1,4 +1,5 @@
 """One optimisation step, and the optimiser state as numpy (for the shared checkpoint directory)."""
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,9 @@ def _check_bf16(device):
     """bf16 autocast works on CUDA (Ampere or newer) and on the CPU; elsewhere try it, and say so if it fails
     rather than silently training in float32."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has "
-                        "none: drop --bf16")
+        raise UserError(
+            f"--bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has none: drop --bf16"
+        )
     if device.type in ("cuda", "cpu"):
         return
     try:
@@ -49,8 +51,7 @@ def _check_bf16(device):
 class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
-    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1,
-                 compile: bool = False):
+    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1, compile: bool = False):
         # world > 1: one of `world` data-parallel ranks (torch.distributed initialised); DDP sums gradients.
         # compile: torch.compile the training forward. self.model stays the plain module, so state_dict and
         # parameter names (checkpoints, optimizer state) are unchanged; eval runs it uncompiled.
@@ -66,8 +67,14 @@ class Trainer:
             _check_bf16(self.device)
         # Fused AdamW: one kernel for all parameters on CUDA, instead of a handful per parameter tensor.
         self.fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(model.parameters(), lr=tc.lr_at(0), betas=tc.betas, eps=tc.eps,
-                                     weight_decay=tc.weight_decay, fused=self.fused or None)
+        self.opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=tc.lr_at(0),
+            betas=tc.betas,
+            eps=tc.eps,
+            weight_decay=tc.weight_decay,
+            fused=self.fused or None,
+        )
         self.step_count = 0
 
     def step(self, images, tokens):

@@ -4,7 +4,7 @@ Composition is split in two so distributed training can shard it: `draw` consume
 randomness of a global batch (cheap: a few ints per cell), `render` builds any slice of its rows.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,8 +24,8 @@ class Draw(NamedTuple):
     k: np.ndarray  # [n] number of digits per grid
     occupied: np.ndarray  # [n, G*G] bool, cells in reading order
     index: np.ndarray  # [n, G*G] pool index of each cell's digit, -1 where empty
-    shift: Optional[np.ndarray] = None  # [n, G*G, 2] (dy, dx) or None without augmentation
-    affine: Optional[np.ndarray] = None  # [n, G*G, 2, 2] output->input sampling matrices, or None
+    shift: np.ndarray | None = None  # [n, G*G, 2] (dy, dx) or None without augmentation
+    affine: np.ndarray | None = None  # [n, G*G, 2, 2] output->input sampling matrices, or None
 
 
 def draw(grid, n, pool_size, rng, k=None, shift=0, affine=False):
@@ -36,8 +36,10 @@ def draw(grid, n, pool_size, rng, k=None, shift=0, affine=False):
     else:
         k = np.broadcast_to(np.asarray(k, dtype=np.int64), (n,)).copy()
         if k.size and (k.min() < 1 or k.max() > cells):
-            raise UserError(f"the number of digits must be between 1 and {cells} for a {grid}x{grid} "
-                            f"grid, got {k.min() if k.min() < 1 else k.max()}; pick a value in range")
+            raise UserError(
+                f"the number of digits must be between 1 and {cells} for a {grid}x{grid} "
+                f"grid, got {k.min() if k.min() < 1 else k.max()}; pick a value in range"
+            )
     # A uniformly random set of k cells: the k smallest of i.i.d. uniform keys.
     rank = np.argsort(np.argsort(rng.random((n, cells)), axis=1), axis=1)
     occupied = rank < k[:, None]
@@ -70,7 +72,7 @@ def _warped(cells, mats):
     def at(dy, dx):
         return np.take_along_axis(padded, ((yi + dy) * size + xi + dx).reshape(m, -1), axis=1).reshape(m, CELL, CELL)
 
-    out = ((1 - wy) * ((1 - wx) * at(0, 0) + wx * at(0, 1)) + wy * ((1 - wx) * at(1, 0) + wx * at(1, 1)))
+    out = (1 - wy) * ((1 - wx) * at(0, 0) + wx * at(0, 1)) + wy * ((1 - wx) * at(1, 0) + wx * at(1, 1))
     return np.where(inside, out, 0).astype(np.float32)
 
 
@@ -91,7 +93,7 @@ def _shifted(cells, offsets):
 
 def render(images, labels, grid, d, rows=slice(None)):
     """Images float32 [m, G*28, G*28] in [0, 1] and tokens int64 [m, G*G+2] for rows of a Draw."""
-    occupied, index, k = d.occupied[rows], d.index[rows], d.k[rows]
+    occupied, index, _k = d.occupied[rows], d.index[rows], d.k[rows]
     m, cells = occupied.shape
     safe = np.where(occupied, index, 0)
     tiles = images[safe.reshape(-1)] * occupied.reshape(-1, 1, 1).astype(images.dtype)

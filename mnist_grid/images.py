@@ -121,8 +121,10 @@ def _ink_plane(path):
     """The picture as float32 [H, W] in [0, 1]: light ink on a zero page, like MNIST."""
     img = _open(path)
     if min(img.size) < MIN_SIDE:
-        raise UserError(f"{str(path)!r} is too small ({img.size[0]}x{img.size[1]} px); "
-                        f"use an image of at least {MIN_SIDE}x{MIN_SIDE} px")
+        raise UserError(
+            f"{str(path)!r} is too small ({img.size[0]}x{img.size[1]} px); "
+            f"use an image of at least {MIN_SIDE}x{MIN_SIDE} px"
+        )
     y = _luminance(img)
     if not np.isfinite(y).all():
         raise UserError(f"{str(path)!r} has NaN or infinite pixels; save it with finite values (e.g. as 8-bit PNG)")
@@ -157,7 +159,7 @@ def load_image(path, grid):
     y = _resized(y, size)
     out = np.zeros((side, side), dtype=np.float32)
     top_, left = (side - size[1]) // 2, (side - size[0]) // 2
-    out[top_:top_ + size[1], left:left + size[0]] = y
+    out[top_ : top_ + size[1], left : left + size[0]] = y
     return out
 
 
@@ -187,8 +189,15 @@ def _flattened(y):
     k = 4 if max(h, w) >= 64 else 1
     small = Image.fromarray(y, "F").resize((max(1, w // k), max(1, h // k)), Image.BOX)
     win = max(3, (max(h, w) // k // 9) | 1)
-    page = np.asarray(Image.fromarray(np.round(np.asarray(small) * 255).astype(np.uint8), "L")
-                      .filter(ImageFilter.MedianFilter(min(win, 15))), np.float32) / 255
+    page = (
+        np.asarray(
+            Image.fromarray(np.round(np.asarray(small) * 255).astype(np.uint8), "L").filter(
+                ImageFilter.MedianFilter(min(win, 15))
+            ),
+            np.float32,
+        )
+        / 255
+    )
     page = np.asarray(Image.fromarray(page, "F").resize((w, h), Image.BILINEAR))
     y = np.clip(y - page, 0, None)
     top = float(y.max())
@@ -215,14 +224,15 @@ def _segmented(y, mask, grid):
             if not sub.any():
                 continue
             rr, cc = np.flatnonzero(sub.any(1)), np.flatnonzero(sub.any(0))
-            piece = y[r0 + rr[0]:r0 + rr[-1] + 1, c0 + cc[0]:c0 + cc[-1] + 1]
+            piece = y[r0 + rr[0] : r0 + rr[-1] + 1, c0 + cc[0] : c0 + cc[-1] + 1]
             ph, pw = piece.shape
             f = min(scale, (CELL - 4) / max(ph, pw))
             size = (max(1, round(pw * f)), max(1, round(ph * f)))
             piece = _resized(piece, size)
             top, left = i * CELL + (CELL - size[1]) // 2, j * CELL + (CELL - size[0]) // 2
-            out[top:top + size[1], left:left + size[0]] = np.maximum(out[top:top + size[1], left:left + size[0]],
-                                                                     piece)
+            out[top : top + size[1], left : left + size[0]] = np.maximum(
+                out[top : top + size[1], left : left + size[0]], piece
+            )
     return out
 
 
@@ -244,8 +254,9 @@ def read_grid_image(path, grid, image_grid=None):
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise UserError(f"--grid must be a positive integer, got {n!r}")
     if n > grid:
-        raise UserError(f"--grid {n} is larger than the model's {grid}x{grid} grid; "
-                        f"this model reads at most {grid}x{grid} digits")
+        raise UserError(
+            f"--grid {n} is larger than the model's {grid}x{grid} grid; this model reads at most {grid}x{grid} digits"
+        )
     raw = _ink_plane(path)
     y, flat = _flattened(raw)
     raw_full = float((raw > 0.5).mean())  # before flattening, which would take a solid block for the page
@@ -276,16 +287,18 @@ def read_grid_image(path, grid, image_grid=None):
             top, left = (side - size[1]) // 2, (side - size[0]) // 2
         else:  # the N x N cells go to the top-left N x N cells
             top, left = (n * CELL - size[1]) // 2, (n * CELL - size[0]) // 2
-        out[top:top + size[1], left:left + size[0]] = placed
+        out[top : top + size[1], left : left + size[0]] = placed
         aspect = w_img / h_img
         if not ASPECT[0] <= aspect <= ASPECT[1]:
-            warnings.append(f"aspect ratio {aspect:.2f} (width/height) is outside [{ASPECT[0]}, {ASPECT[1]}]: "
-                            f"it does not look like a {n}x{n} grid")
+            warnings.append(
+                f"aspect ratio {aspect:.2f} (width/height) is outside [{ASPECT[0]}, {ASPECT[1]}]: "
+                f"it does not look like a {n}x{n} grid"
+            )
         region = placed
     elif segmented is not None:  # one digit per row band x column band: each into its own cell
         out = _thickened(segmented)
         used = out.reshape(grid, CELL, grid, CELL).max(axis=(1, 3)) > 0
-        region = out[:CELL * (np.flatnonzero(used.any(1)).max() + 1), :CELL * (np.flatnonzero(used.any(0)).max() + 1)]
+        region = out[: CELL * (np.flatnonzero(used.any(1)).max() + 1), : CELL * (np.flatnonzero(used.any(0)).max() + 1)]
     else:  # small digits on a larger page: crop to the ink, padded back to whole cells
         m = float(np.median(bands))
         s = CELL / DIGIT * m
@@ -299,14 +312,16 @@ def read_grid_image(path, grid, image_grid=None):
         crop = np.zeros((bh, bw), np.float32)  # the padding may reach past the picture: zeros there
         sy0, sx0 = max(0, top_src), max(0, left_src)
         sy1, sx1 = min(h_img, top_src + bh), min(w_img, left_src + bw)
-        crop[sy0 - top_src:sy1 - top_src, sx0 - left_src:sx1 - left_src] = y[sy0:sy1, sx0:sx1]
+        crop[sy0 - top_src : sy1 - top_src, sx0 - left_src : sx1 - left_src] = y[sy0:sy1, sx0:sx1]
         if r_cells > grid or c_cells > grid:
-            warnings.append(f"the content spans {r_cells}x{c_cells} cells, more than the {grid}x{grid} grid "
-                            "holds: shrunk to fit, digits may be misread")
+            warnings.append(
+                f"the content spans {r_cells}x{c_cells} cells, more than the {grid}x{grid} grid "
+                "holds: shrunk to fit, digits may be misread"
+            )
         scale = min(CELL / s, side / max(bh, bw))
         size = (max(1, min(side, round(bw * scale))), max(1, min(side, round(bh * scale))))
         placed = _resized(crop, size)
-        out[:size[1], :size[0]] = placed
+        out[: size[1], : size[0]] = placed
         out = _thickened(out)
         region = placed
     if (out > 0.5).sum() < MIN_INK_PX:

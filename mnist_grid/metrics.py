@@ -21,8 +21,12 @@ def counts(pairs) -> tuple[int, int, int, int]:
     """(exact matches, digit edits, target digits, grids) of (prediction, target) string pairs: sums that add up
     over batches and data-parallel ranks."""
     pairs = list(pairs)
-    return (sum(p == t for p, t in pairs), sum(edit_distance(p, t) for p, t in pairs), sum(len(t) for _, t in pairs),
-            len(pairs))
+    return (
+        sum(p == t for p, t in pairs),
+        sum(edit_distance(p, t) for p, t in pairs),
+        sum(len(t) for _, t in pairs),
+        len(pairs),
+    )
 
 
 def digit_accuracy(errors, total) -> float:

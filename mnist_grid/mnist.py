@@ -59,8 +59,9 @@ def _find(directory, name):
 
 
 def _bad_header(path):
-    return UserError(f"{quote(path)} has a wrong IDX header or size (not an MNIST file, or truncated); "
-                     "delete it and re-download it")
+    return UserError(
+        f"{quote(path)} has a wrong IDX header or size (not an MNIST file, or truncated); delete it and re-download it"
+    )
 
 
 def _expected_size(path, head):
@@ -69,7 +70,7 @@ def _expected_size(path, head):
     ndim = _IDX.get(magic)
     if ndim is None or len(head) < 4 + 4 * ndim:
         raise _bad_header(path)
-    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return 4 + 4 * ndim + math.prod(dims)
 
 
@@ -89,8 +90,9 @@ def _read(path):
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(f"cannot read {quote(path)} ({e}); delete it and re-download") from None
     if len(data) > MAX_BYTES:
-        raise UserError(f"{quote(path)} holds more than {MAX_BYTES:,} bytes: it is not an MNIST file; "
-                        "delete it and re-download it")
+        raise UserError(
+            f"{quote(path)} holds more than {MAX_BYTES:,} bytes: it is not an MNIST file; delete it and re-download it"
+        )
     return data
 
 
@@ -99,7 +101,7 @@ def _parse(path, data):
     if len(data) != _expected_size(path, data[:16]):
         raise _bad_header(path)
     ndim = _IDX[int.from_bytes(data[:4], "big")]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -109,8 +111,10 @@ def _verify(path, name, data):
         return
     digest = hashlib.md5(data).hexdigest()
     if digest != MD5[name]:
-        raise UserError(f"checksum mismatch for {quote(path)}: md5 {digest}, expected {MD5[name]}; "
-                        "the file is corrupt or not the original MNIST, delete it and re-download")
+        raise UserError(
+            f"checksum mismatch for {quote(path)}: md5 {digest}, expected {MD5[name]}; "
+            "the file is corrupt or not the original MNIST, delete it and re-download"
+        )
     _verified.add(key)
 
 
@@ -152,8 +156,10 @@ def _download(directory, names):
         directory.mkdir(parents=True, exist_ok=True)
         errors = [_fetch(directory, name) for name in names]
     except OSError as e:
-        raise UserError(f"cannot write the MNIST directory {quote(directory)} ({e.strerror or e}); "
-                        "pass --data-dir or set MLA_MNIST_DIR to a writable directory") from None
+        raise UserError(
+            f"cannot write the MNIST directory {quote(directory)} ({e.strerror or e}); "
+            "pass --data-dir or set MLA_MNIST_DIR to a writable directory"
+        ) from None
     return [e for e in errors if e]
 
 
@@ -162,8 +168,9 @@ def _load_cached(directory, split):
     arrays = [_load_file(_find(Path(directory), name), name) for name in FILES[split]]
     images, labels = arrays
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise UserError(f"the MNIST {split} files in {quote(directory)} do not match each other; "
-                        "delete them and re-download")
+        raise UserError(
+            f"the MNIST {split} files in {quote(directory)} do not match each other; delete them and re-download"
+        )
     return images, labels
 
 
@@ -179,7 +186,8 @@ def load_split(split, data_dir=None, download=True):
         why = f" (download failed: {errors[0]})" if errors else ""
         raise UserError(
             f"MNIST files missing from {quote(directory)}: {', '.join(missing)}{why}; put them there "
-            "(plain or .gz), or point --data-dir or MLA_MNIST_DIR at a directory that has them")
+            "(plain or .gz), or point --data-dir or MLA_MNIST_DIR at a directory that has them"
+        )
     return _load_cached(str(directory), split)
 
 

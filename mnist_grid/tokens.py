@@ -21,9 +21,10 @@ def encode(digit_lists, length):
         if len(seq) + 2 > length:
             raise UserError(
                 f"{len(seq)} digits need {len(seq) + 2} tokens but the sequence length is {length}; "
-                "use fewer digits or a longer sequence length")
+                "use fewer digits or a longer sequence length"
+            )
         out[row, 0] = START
-        out[row, 1:len(seq) + 1] = seq
+        out[row, 1 : len(seq) + 1] = seq
         out[row, len(seq) + 1] = FINISH
     return out
 

@@ -10,6 +10,7 @@ or with --preset the named preset's config (which must then match the sources ap
 preset's name. OUT is written atomically, like every checkpoint. Averaging only makes sense for models that
 share a parent: two independently trained models have unrelated weights and their mean reads nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ def average(out, sources, preset: str | None = None) -> Path:
     for src, cfg, w in loaded[1:]:
         diff = _differences(config, cfg)
         if diff:
-            raise UserError(f"{src} has another model config than {first} ({diff}): only checkpoints that "
-                            "differ in dropout alone can be averaged")
+            raise UserError(
+                f"{src} has another model config than {first} ({diff}): only checkpoints that "
+                "differ in dropout alone can be averaged"
+            )
         if set(w) != set(weights):  # the schema check in load() makes this unlikely; the message helps if not
             raise UserError(f"{src} and {first} hold different tensors: they are not the same model")
     if preset is not None:
@@ -65,8 +68,7 @@ def average(out, sources, preset: str | None = None) -> Path:
         if diff:
             raise UserError(f"the sources are not the {preset!r} preset ({diff}): drop --preset")
         config = target
-    mean = {k: np.mean([w[k].astype(np.float64) for _, _, w in loaded], axis=0).astype(np.float32)
-            for k in weights}
+    mean = {k: np.mean([w[k].astype(np.float64) for _, _, w in loaded], axis=0).astype(np.float32) for k in weights}
     return checkpoint.save(out, config, mean, dtype="float32", preset=preset)
 
 
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("out", metavar="OUT", help="output checkpoint directory")
     parser.add_argument("sources", metavar="SRC", nargs="+", help="checkpoint directories to average (two or more)")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="record OUT with this preset's config and name (dropout included)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="record OUT with this preset's config and name (dropout included)"
+    )
     args = parser.parse_args(argv)
     try:
         path = average(args.out, args.sources, args.preset)

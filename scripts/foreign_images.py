@@ -13,6 +13,7 @@ the digits in reading order (row by row, left to right).
 whole picture scaled into the grid, no cropping, no --grid); "after" with `read_grid_image`, passing
 --grid N for the pictures that say they hold an N x N grid, as a user would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,34 @@ STROKES = {
     0: [_loop(0.5, 0.5, 0.32, 0.48)],
     1: [[(0.32, 0.2), (0.55, 0.0), (0.55, 1.0)]],
     2: [[(0.15, 0.25), (0.3, 0.04), (0.65, 0.02), (0.84, 0.22), (0.78, 0.45), (0.15, 1.0), (0.9, 0.98)]],
-    3: [[(0.15, 0.1), (0.5, 0.0), (0.8, 0.15), (0.75, 0.38), (0.42, 0.48), (0.8, 0.6), (0.85, 0.84),
-         (0.5, 1.0), (0.12, 0.9)]],
+    3: [
+        [
+            (0.15, 0.1),
+            (0.5, 0.0),
+            (0.8, 0.15),
+            (0.75, 0.38),
+            (0.42, 0.48),
+            (0.8, 0.6),
+            (0.85, 0.84),
+            (0.5, 1.0),
+            (0.12, 0.9),
+        ]
+    ],
     4: [[(0.68, 1.0), (0.68, 0.0), (0.08, 0.68), (0.92, 0.68)]],
-    5: [[(0.85, 0.0), (0.25, 0.0), (0.18, 0.45), (0.5, 0.37), (0.8, 0.5), (0.85, 0.8), (0.55, 1.0),
-         (0.15, 0.9)]],
-    6: [[(0.75, 0.03), (0.42, 0.1), (0.2, 0.45), (0.2, 0.8), (0.45, 1.0), (0.75, 0.9), (0.8, 0.66),
-         (0.52, 0.5), (0.2, 0.66)]],
+    5: [[(0.85, 0.0), (0.25, 0.0), (0.18, 0.45), (0.5, 0.37), (0.8, 0.5), (0.85, 0.8), (0.55, 1.0), (0.15, 0.9)]],
+    6: [
+        [
+            (0.75, 0.03),
+            (0.42, 0.1),
+            (0.2, 0.45),
+            (0.2, 0.8),
+            (0.45, 1.0),
+            (0.75, 0.9),
+            (0.8, 0.66),
+            (0.52, 0.5),
+            (0.2, 0.66),
+        ]
+    ],
     7: [[(0.08, 0.02), (0.9, 0.0), (0.42, 1.0)]],
     8: [_loop(0.5, 0.25, 0.24, 0.24), _loop(0.5, 0.73, 0.3, 0.27)],
     9: [_loop(0.48, 0.3, 0.27, 0.28), [(0.75, 0.3), (0.7, 0.65), (0.6, 1.0)]],
@@ -57,7 +79,9 @@ STROKES = {
 
 def fonts():
     try:
-        out = subprocess.run(["fc-list", "--format", "%{file}\n"], capture_output=True, text=True, timeout=20, check=False).stdout
+        out = subprocess.run(
+            ["fc-list", "--format", "%{file}\n"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout
         files = sorted({f for f in out.splitlines() if f.lower().endswith((".ttf", ".otf"))})
     except (OSError, subprocess.SubprocessError):
         files = []
@@ -144,7 +168,9 @@ def finish(img, rng, dark_on_light, photo=False, mode="L"):
         return Image.fromarray(rgb, "RGB")
     # RGBA: ink colour everywhere, alpha = ink coverage (a transparent page)
     a = np.round(np.clip(y, 0, 1) * 255).astype(np.uint8)
-    col = np.zeros_like(rgb) + (np.array([20, 30, 120]) if dark_on_light else np.array([250, 250, 210])).astype(np.uint8)
+    col = np.zeros_like(rgb) + (np.array([20, 30, 120]) if dark_on_light else np.array([250, 250, 210])).astype(
+        np.uint8
+    )
     return Image.fromarray(np.dstack([col, a]), "RGBA")
 
 
@@ -165,8 +191,16 @@ def generate(out_dir: Path, seed: int = 17):
         kind = f"{kind} ({Path(font).stem})" if font else kind
         path = out_dir / f"{len(items):02d}_{name}.{fmt}"
         img.save(path, **({"quality": int(rng.integers(70, 92))} if fmt == "jpg" else {"optimize": True}))
-        items.append({"file": path.name, "kind": kind, "label": label, "grid": grid,
-                      "mode": img.mode, "size": f"{img.width}x{img.height}"})
+        items.append(
+            {
+                "file": path.name,
+                "kind": kind,
+                "label": label,
+                "grid": grid,
+                "mode": img.mode,
+                "size": f"{img.width}x{img.height}",
+            }
+        )
 
     def font_at(i):
         return ttf[i % len(ttf)]
@@ -177,8 +211,14 @@ def generate(out_dir: Path, seed: int = 17):
         cell = int(rng.integers(28, 64))
         img = layout(cells, 4, 4, cell, "font", rng, font_at(i))
         i += 1
-        save("font_grid", finish(img, rng, n % 2 == 0, mode="L" if n % 3 else "RGB"),
-             "font 4x4 grid", cells, 4, font=font_at(i - 1))
+        save(
+            "font_grid",
+            finish(img, rng, n % 2 == 0, mode="L" if n % 3 else "RGB"),
+            "font 4x4 grid",
+            cells,
+            4,
+            font=font_at(i - 1),
+        )
     for n in range(8):  # a few typeset digits with a wide margin on a larger page
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 5))
         cells = _cells(rng, rows, cols, int(rng.integers(1, rows * cols + 1)))
@@ -186,8 +226,14 @@ def generate(out_dir: Path, seed: int = 17):
         m = tuple(int(v) for v in rng.integers(cell, 5 * cell, 4))
         img = layout(cells, rows, cols, cell, "font", rng, font_at(i), margin=m)
         i += 1
-        save("font_page", finish(img, rng, n % 2 == 1, mode="RGB"), f"font {rows}x{cols} on a page", cells, cols,
-             font=font_at(i - 1))
+        save(
+            "font_page",
+            finish(img, rng, n % 2 == 1, mode="RGB"),
+            f"font {rows}x{cols} on a page",
+            cells,
+            cols,
+            font=font_at(i - 1),
+        )
     for n in range(10):  # hand-drawn-like 4x4 grids
         cells = _cells(rng, 4, 4, int(rng.integers(2, 17)))
         img = layout(cells, 4, 4, int(rng.integers(28, 56)), "strokes", rng)
@@ -200,16 +246,28 @@ def generate(out_dir: Path, seed: int = 17):
         m = tuple(int(v) for v in rng.integers(4, 3 * cell, 4))
         img = layout(cells, rows, cols, cell, style, rng, font_at(i), margin=m)
         i += 1
-        save("photo", finish(img, rng, n % 3 != 2, photo=True, mode="RGB"), f"photo-like {style} {rows}x{cols}",
-             cells, cols, fmt="jpg")
+        save(
+            "photo",
+            finish(img, rng, n % 3 != 2, photo=True, mode="RGB"),
+            f"photo-like {style} {rows}x{cols}",
+            cells,
+            cols,
+            fmt="jpg",
+        )
     for g in (2, 3):  # grids smaller than the model's, read with --grid
         for n in range(6):
             style = "font" if n % 2 else "strokes"
             cells = _cells(rng, g, g, int(rng.integers(1, g * g + 1)))
             img = layout(cells, g, g, int(rng.integers(28, 60)), style, rng, font_at(i))
             i += 1
-            save(f"grid{g}", finish(img, rng, n % 3 == 0, mode="L" if n % 2 else "RGB"),
-                 f"{style} {g}x{g} grid", cells, g, grid=g)
+            save(
+                f"grid{g}",
+                finish(img, rng, n % 3 == 0, mode="L" if n % 2 else "RGB"),
+                f"{style} {g}x{g} grid",
+                cells,
+                g,
+                grid=g,
+            )
     for n in range(4):  # RGBA: ink on a transparent page
         cells = _cells(rng, 4, 4, int(rng.integers(2, 12)))
         img = layout(cells, 4, 4, int(rng.integers(28, 48)), "font" if n % 2 else "strokes", rng, font_at(i))
@@ -226,8 +284,12 @@ def generate(out_dir: Path, seed: int = 17):
 
 
 def _old_images_module():
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:mnist_grid/images.py"],
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:mnist_grid/images.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     tmp = Path(tempfile.mkdtemp()) / "images_before.py"
     tmp.write_text(src)
     spec = importlib.util.spec_from_file_location("images_before", tmp)
@@ -263,13 +325,18 @@ def measure(out_dir: Path, items, doc: Path, checkpoint=None):
         ok_a += a == it["label"]
         warned_wrong += bool(w) and a != it["label"]
         warned_right += bool(w) and a == it["label"]
+
         def mark(read, label=it["label"]):
             return f"`{read or '(none)'}`" + (" ✓" if read == label else "")
-        rows.append(f"| {it['file']} | {it['kind']}, {it['mode']} {it['size']} | {it.get('grid') or ''} | "
-                    f"`{it['label']}` | {mark(b)} | {mark(a)} | {'; '.join(w)} |")
+
+        rows.append(
+            f"| {it['file']} | {it['kind']}, {it['mode']} {it['size']} | {it.get('grid') or ''} | "
+            f"`{it['label']}` | {mark(b)} | {mark(a)} | {'; '.join(w)} |"
+        )
     n = len(items)
     wrong_a = n - ok_a
-    text = f"""# Foreign images: what the shipped model reads in pictures it did not render
+    text = (
+        f"""# Foreign images: what the shipped model reads in pictures it did not render
 
 `python scripts/foreign_images.py docs/foreign_images --measure docs/foreign_images.md` draws {n} pictures
 (seed 17; {len(fonts()) or "no"} TrueType fonts found on this machine, named in the table) and reads them
@@ -297,16 +364,23 @@ By group (file name):
 
 | group | pictures | before | after |
 |---|---|---|---|
-""" + "\n".join(f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in groups.items()) + """
+"""
+        + "\n".join(f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in groups.items())
+        + """
 
 ## Per image
 
 | file | kind | --grid | label | before | after | warnings (after) |
 |---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n"
+"""
+        + "\n".join(rows)
+        + "\n"
+    )
     doc.write_text(text)
-    print(f"exact before {ok_b}/{n}, after {ok_a}/{n}; warned on {warned_wrong}/{wrong_a} wrong, "
-          f"{warned_right}/{ok_a} right")
+    print(
+        f"exact before {ok_b}/{n}, after {ok_a}/{n}; warned on {warned_wrong}/{wrong_a} wrong, "
+        f"{warned_right}/{ok_a} right"
+    )
 
 
 def main():

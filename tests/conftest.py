@@ -1,4 +1,5 @@
 """Shared fixtures: the real MNIST directory and a briefly trained tiny torch checkpoint."""
+
 import os
 from pathlib import Path
 
@@ -53,8 +54,10 @@ def pytest_configure(config):
     d = mnist_dir()
     if d is None:
         where = ", ".join(str(p) for p in mnist_candidates())
-        pytest.exit(f"MNIST not found (looked in {where}): set MLA_MNIST_DIR to the folder with the four "
-                    "IDX files", returncode=2)
+        pytest.exit(
+            f"MNIST not found (looked in {where}): set MLA_MNIST_DIR to the folder with the four IDX files",
+            returncode=2,
+        )
     os.environ["MLA_MNIST_DIR"] = str(d)
 
 
@@ -65,8 +68,29 @@ def tiny_checkpoint(tmp_path_factory):
     from mla_mnist.cli import main
 
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
-    rc = main(["train", "--framework", "torch", "--preset", "tiny", "--epochs", "1", "--train-samples", "9600",
-               "--batch-size", "32", "--lr", "3e-3", "--val-samples", "128", "--quiet", "--out", str(out),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            "--framework",
+            "torch",
+            "--preset",
+            "tiny",
+            "--epochs",
+            "1",
+            "--train-samples",
+            "9600",
+            "--batch-size",
+            "32",
+            "--lr",
+            "3e-3",
+            "--val-samples",
+            "128",
+            "--quiet",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     return out

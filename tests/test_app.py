@@ -1,4 +1,5 @@
 """The app end to end with the shipped checkpoint: make-grid -> predict round trip, and show."""
+
 import contextlib
 import io
 import json
@@ -106,8 +107,7 @@ def test_other_sizes_and_modes_read_the_same(grids, torch_predictions, tmp_path)
     for i, path in enumerate(paths[:8]):
         with Image.open(path) as img:
             pixels = np.asarray(img)
-        Image.fromarray(pixels).convert("RGB").resize((280, 280), Image.BICUBIC).save(tmp_path / f"{i}.jpg",
-                                                                                    quality=90)
+        Image.fromarray(pixels).convert("RGB").resize((280, 280), Image.BICUBIC).save(tmp_path / f"{i}.jpg", quality=90)
         rgba = np.zeros(pixels.shape + (4,), np.uint8)
         rgba[..., 3] = pixels  # black ink, opacity = ink
         Image.fromarray(rgba, "RGBA").save(tmp_path / f"{i}_rgba.png")
@@ -149,7 +149,7 @@ def test_attention_maps_look_at_the_digit_being_read(grids):
     hits = total = 0
     for cells, read, heat in zip(occupied, digits, maps):
         side = heat.shape[-1] // 4  # patches per cell side
-        for j, cell in enumerate(np.flatnonzero(cells)[:len(read)]):
+        for j, cell in enumerate(np.flatnonzero(cells)[: len(read)]):
             r, c = np.unravel_index(heat[j].argmax(), heat[j].shape)
             hits += (r // side) * 4 + c // side == cell
             total += 1
@@ -184,8 +184,9 @@ def test_show_writes_a_png(grids, tmp_path):
     pytest.importorskip("torch")
     paths, _, labels = grids
     out = tmp_path / "show.png"
-    rc, stdout, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", out, "--framework", "torch",
-                               "--device", "cpu"])
+    rc, stdout, err = run_cli(
+        ["show", DEFAULT_CHECKPOINT, paths[0], "--out", out, "--framework", "torch", "--device", "cpu"]
+    )
     assert rc == 0, err
     assert str(paths[0]) in stdout and str(out) in stdout
     with Image.open(out) as img:
@@ -196,10 +197,10 @@ def test_show_writes_a_png(grids, tmp_path):
 
 def test_show_wants_a_png_path(grids, tmp_path):
     paths, _, _ = grids
-    rc, _, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "show.jpg",
-                          "--framework", "torch"])
+    rc, _, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "show.jpg", "--framework", "torch"])
     assert rc == 2 and ".png" in err
-    rc, _, err = run_cli(["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "missing" / "show.png",
-                          "--framework", "torch"])
+    rc, _, err = run_cli(
+        ["show", DEFAULT_CHECKPOINT, paths[0], "--out", tmp_path / "missing" / "show.png", "--framework", "torch"]
+    )
     assert rc == 2 and "does not exist" in err
     assert not list(tmp_path.iterdir())

@@ -1,5 +1,6 @@
 """The layout the project promises: one backend per framework with one surface, attention variants declared in
 one place, presets declared in one place, and an application layer that never names a framework."""
+
 import importlib.util
 import inspect
 import re
@@ -15,8 +16,11 @@ FRAMEWORKS = [fw for fw in ("torch", "mlx") if importlib.util.find_spec(fw)]
 
 
 def _public(cls):
-    return {name: inspect.signature(member) if callable(member) else type(member).__name__
-            for name, member in vars(cls).items() if not name.startswith("_") and name != "name"}
+    return {
+        name: inspect.signature(member) if callable(member) else type(member).__name__
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and name != "name"
+    }
 
 
 def test_the_two_backends_expose_the_same_names_and_signatures():
@@ -41,9 +45,12 @@ def test_the_application_layer_reaches_a_framework_only_through_the_backend_look
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if re.search(r"^\s*(import|from)\s+(torch|mlx|mla_torch|mla_mlx)\b", code) \
-                    or re.search(r"==\s*[\"'](torch|mlx)[\"']|[\"'](torch|mlx)[\"']\s*==", code) \
-                    or re.search(r"import_module\(", code) or "Device(cpu" in code:
+            if (
+                re.search(r"^\s*(import|from)\s+(torch|mlx|mla_torch|mla_mlx)\b", code)
+                or re.search(r"==\s*[\"'](torch|mlx)[\"']|[\"'](torch|mlx)[\"']\s*==", code)
+                or re.search(r"import_module\(", code)
+                or "Device(cpu" in code
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
 
@@ -77,13 +84,39 @@ def test_a_preset_added_in_one_place_trains_and_evaluates_through_the_cli(tmp_pa
     from convert import presets
     from mla_mnist.cli import main
 
-    monkeypatch.setitem(presets.PRESETS, "wee", presets.Preset(
-        "a test preset: tiny's model with grouped-query attention",
-        dict(presets.PRESETS["tiny"].model, attention="gqa", kv_heads=2),
-        epochs=1, batch_size=16, lr=3e-3, train_samples=160, warmup=2))
+    monkeypatch.setitem(
+        presets.PRESETS,
+        "wee",
+        presets.Preset(
+            "a test preset: tiny's model with grouped-query attention",
+            dict(presets.PRESETS["tiny"].model, attention="gqa", kv_heads=2),
+            epochs=1,
+            batch_size=16,
+            lr=3e-3,
+            train_samples=160,
+            warmup=2,
+        ),
+    )
     out = tmp_path / "wee"
-    assert main(["train", "--preset", "wee", "--framework", "torch", "--device", "cpu", "--val-samples", "16",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "wee",
+                "--framework",
+                "torch",
+                "--device",
+                "cpu",
+                "--val-samples",
+                "16",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from convert import checkpoint
 
     cfg, meta = checkpoint.read_config(out)

@@ -4,6 +4,7 @@ Two angles: a save made to die (os._exit, no cleanup) at every file-system call 
 and real training processes killed with SIGKILL at random moments while they checkpoint every step,
 each next one resuming from whatever survived.
 """
+
 import builtins
 import io
 import json
@@ -38,8 +39,15 @@ def _save(path, version):
     files = {"note.json": json.dumps({"version": version}).encode()}
     if version % 2:  # odd versions rewrite best.safetensors, even ones carry it over (hard link)
         files[checkpoint.BEST] = lambda p: safetensors_np.write(p, _weights(version))
-    checkpoint.save(path, CONFIG, _weights(version), preset="tiny", metrics={"version": version},
-                    files=files, keep=(checkpoint.BEST,))
+    checkpoint.save(
+        path,
+        CONFIG,
+        _weights(version),
+        preset="tiny",
+        metrics={"version": version},
+        files=files,
+        keep=(checkpoint.BEST,),
+    )
 
 
 def _crash_at(path, version, k):
@@ -52,6 +60,7 @@ def _crash_at(path, version, k):
             if calls[0] == k:
                 os._exit(CRASHED)  # like SIGKILL: no except/finally clean-up runs
             return fn(*args, **kwargs)
+
         return wrapper
 
     try:
@@ -153,6 +162,7 @@ def test_interrupted_swap_is_recovered(tmp_path):
 
 # ---- real training processes, SIGKILLed while they checkpoint every step ----------------------------
 
+
 def _identity(path):
     try:
         st = os.stat(path)
@@ -170,8 +180,7 @@ def _kill_driver(out: str, snapshots: str, kills: int, seed: int):
     torch.set_num_threads(1)  # no thread pool: forking after torch work is then safe
     from mla_mnist.cli import main
 
-    common = ["train", "--framework", "torch", "--device", "cpu", "--val-samples", "4", "--save-every", "1",
-              "--quiet"]
+    common = ["train", "--framework", "torch", "--device", "cpu", "--val-samples", "4", "--save-every", "1", "--quiet"]
     fresh = ["--preset", "tiny", "--batch-size", "4", "--train-samples", "40000"]
     assert main(common + fresh + ["--max-steps", "1", "--out", str(Path(snapshots).parent / "warm-up")]) == 0
     rng = random.Random(seed)
@@ -214,8 +223,13 @@ def test_sigkill_during_saves_always_leaves_a_checkpoint(tmp_path):
     kills, run, snapshots = 12, tmp_path / "run", tmp_path / "snapshots"
     run.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, __file__, str(run / "ck"), str(snapshots), str(kills),
-                    str(random.randrange(2**32))], env=env, cwd=ROOT, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, __file__, str(run / "ck"), str(snapshots), str(kills), str(random.randrange(2**32))],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
     step, interrupted = 0, 0
     for i in range(kills):
         root = snapshots / str(i)
@@ -224,9 +238,30 @@ def test_sigkill_during_saves_always_leaves_a_checkpoint(tmp_path):
     # The surviving checkpoint resumes: a normal process continues the same run for two more steps.
     ck = run / "ck"
     step = _check_snapshot(run, 0)
-    done = subprocess.run([sys.executable, "-m", "mla_mnist", "train", "--framework", "torch", "--device", "cpu",
-                           "--resume", str(ck), "--max-steps", str(step + 2), "--val-samples", "4", "--quiet"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mla_mnist",
+            "train",
+            "--framework",
+            "torch",
+            "--device",
+            "cpu",
+            "--resume",
+            str(ck),
+            "--max-steps",
+            str(step + 2),
+            "--val-samples",
+            "4",
+            "--quiet",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert _check_snapshot(run, step + 2) == step + 2
     assert sorted(p.name for p in run.iterdir()) == ["ck"]  # leftovers of the killed saves are cleared

@@ -1,4 +1,5 @@
 """scripts/average_checkpoints.py: the element-wise mean of checkpoints that share one model config."""
+
 import importlib.util
 import subprocess
 import sys
@@ -53,16 +54,23 @@ def test_preset_records_the_preset_config(tmp_path):
     assert config == TINY and meta["preset"] == "tiny"
 
 
-@pytest.mark.parametrize("other, phrase", [
-    (TINY.replace(d_model=64, head_dim=16), "d_model 32 vs 64"),
-    (TINY.replace(attention="mha"), "attention 'mla' vs 'mha'"),
-])
+@pytest.mark.parametrize(
+    "other, phrase",
+    [
+        (TINY.replace(d_model=64, head_dim=16), "d_model 32 vs 64"),
+        (TINY.replace(attention="mha"), "attention 'mla' vs 'mha'"),
+    ],
+)
 def test_refuses_configs_that_differ_beyond_dropout(tmp_path, other, phrase):
     _random_checkpoint(tmp_path / "a", TINY, seed=0)
     _random_checkpoint(tmp_path / "b", other, seed=1)
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out"), str(tmp_path / "a"), str(tmp_path / "b")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "out"), str(tmp_path / "a"), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert len(lines) == 1 and lines[0].startswith("average_checkpoints: error: "), proc.stderr

@@ -1,4 +1,5 @@
 """`mla-mnist bench` end to end on the tiny preset (a smoke test: no timing is asserted), and its FLOP count."""
+
 import importlib.util
 import json
 
@@ -14,13 +15,35 @@ FRAMEWORKS = [fw for fw in ("torch", "mlx") if importlib.util.find_spec(fw)]
 
 def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = main(["bench", "--preset", "tiny", "--lengths", "3,5", "--repeats", "1", "--train-steps", "2",
-               "--frameworks", "torch,mlx", "--device", "cpu", "--json", str(out), "--plot", str(png)])
+    rc = main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--lengths",
+            "3,5",
+            "--repeats",
+            "1",
+            "--train-steps",
+            "2",
+            "--frameworks",
+            "torch,mlx",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {(r["framework"], r["mode"], r["attention"], r["length"]): r for r in result["rows"]}
-    modes = {"mla": ("absorbed", "expanded", "uncached"), "mha": ("expanded", "uncached"),
-             "gqa": ("expanded", "uncached")}
+    modes = {
+        "mla": ("absorbed", "expanded", "uncached"),
+        "mha": ("expanded", "uncached"),
+        "gqa": ("expanded", "uncached"),
+    }
     expected = {(fw, mode, a, n) for fw in FRAMEWORKS for a in modes for mode in modes[a] for n in (3, 5)}
     assert set(rows) == expected and len(result["rows"]) == len(expected)
     for key, row in rows.items():
@@ -32,8 +55,10 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
         assert row["peak_memory_method"]
     for fw in FRAMEWORKS:
         for n in (3, 5):
-            mla, mha, gqa = (rows[(fw, mode, a, n)]["cache_bytes"]
-                             for mode, a in (("absorbed", "mla"), ("expanded", "mha"), ("expanded", "gqa")))
+            mla, mha, gqa = (
+                rows[(fw, mode, a, n)]["cache_bytes"]
+                for mode, a in (("absorbed", "mla"), ("expanded", "mha"), ("expanded", "gqa"))
+            )
             assert mla < gqa < mha
             # the expanded form holds the same latent self-attention cache but expanded cross-attention K/V
             expanded, absorbed = rows[(fw, "expanded", "mla", n)], rows[(fw, "absorbed", "mla", n)]
@@ -47,14 +72,20 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
     # Weight variants: every smaller format writes a smaller file; cache variants are exact byte counts.
     sizes = [w["file_bytes"] for w in result["weight_variants"]]
     assert [w["variant"].split(",")[0] for w in result["weight_variants"]] == ["float32", "float16", "8-bit", "4-bit"]
-    assert all(a > b for a, b in zip(sizes, sizes[1:])) and all(w["weight_bytes"] > 0 for w in result["weight_variants"])
+    assert all(a > b for a, b in zip(sizes, sizes[1:])) and all(
+        w["weight_bytes"] > 0 for w in result["weight_variants"]
+    )
     cfg = ModelConfig.preset("tiny")
     per = {c["cache"]: c["bytes"] / (4 * 5 * cfg.dec_layers) for c in result["cache_variants"]}
     r, pe = cfg.dec_kv_rank, cfg.rope_dim
-    assert per == {"MHA K/V, float32": 2 * cfg.d_model * 4, "MLA latent, float32": (r + pe) * 4,
-                   "GQA K/V, float32": 2 * (cfg.heads // 4) * cfg.head_dim * 4,
-                   "MLA latent, float16": (r + pe) * 2, "MLA int8 latent, float32 model": r + 4 + pe * 4,
-                   "MLA int8 latent, float16 model": r + 2 + pe * 2}
+    assert per == {
+        "MHA K/V, float32": 2 * cfg.d_model * 4,
+        "MLA latent, float32": (r + pe) * 4,
+        "GQA K/V, float32": 2 * (cfg.heads // 4) * cfg.head_dim * 4,
+        "MLA latent, float16": (r + pe) * 2,
+        "MLA int8 latent, float32 model": r + 4 + pe * 4,
+        "MLA int8 latent, float16 model": r + 2 + pe * 2,
+    }
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| torch | absorbed | mla | 3 |" in printed and "| torch | expanded | gqa | 3 |" in printed
@@ -88,20 +119,26 @@ def test_generation_rows_interleave_modes_and_frameworks_repeat_by_repeat():
         def peak_memory(self, fn):
             return fn(), {"peak_memory_bytes": 1}
 
-    players = [(backend, object(), [0], mode) for backend in (Backend("a"), Backend("b"))
-               for mode in ("absorbed", "expanded", "uncached")]
+    players = [
+        (backend, object(), [0], mode)
+        for backend in (Backend("a"), Backend("b"))
+        for mode in ("absorbed", "expanded", "uncached")
+    ]
     rows = suites.generation_rows(players, 5, repeats=3, warm_up=True)
     order = [(backend.name, mode) for backend, _, _, mode in players]
     assert calls == order * 4  # one warm-up round, then three timed rounds
     assert len(rows) == len(players) and all(len(row) == 5 for row in rows)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--lengths", "1,5"], "--lengths"),
-    (["--lengths", "ten"], "--lengths"),
-    (["--frameworks", "jax"], "--frameworks"),
-    (["--preset", "huge"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lengths", "1,5"], "--lengths"),
+        (["--lengths", "ten"], "--lengths"),
+        (["--frameworks", "jax"], "--frameworks"),
+        (["--preset", "huge"], "invalid choice"),
+    ],
+)
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "--preset", "tiny", "--train-steps", "0", *argv]) == 2
     err = capsys.readouterr().err.strip()

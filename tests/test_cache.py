@@ -1,5 +1,6 @@
 """The latent cache in both frameworks: same tokens and logits as the full re-run, its size, the absorbed
 weights derived once, and sampling."""
+
 import importlib.util
 
 import numpy as np
@@ -9,9 +10,10 @@ from convert import ModelConfig
 from mla_mnist.backends import get_backend
 from mnist_grid import FINISH, PAD, START, GridStream
 
-FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(importlib.util.find_spec(fw) is None,
-                                                        reason=f"{fw} not installed"))
-              for fw in ("torch", "mlx")]
+FRAMEWORKS = [
+    pytest.param(fw, marks=pytest.mark.skipif(importlib.util.find_spec(fw) is None, reason=f"{fw} not installed"))
+    for fw in ("torch", "mlx")
+]
 GRIDS = 512
 
 
@@ -42,6 +44,7 @@ def greedy(grids):
         if backend.name not in out:
             out[backend.name] = backend.generate(model, grids[0])
         return out[backend.name]
+
     return get
 
 
@@ -135,6 +138,7 @@ def test_absorbed_weights_derived_once_per_cache_from_the_current_weights(framew
     def recording(module, *args):
         calls.append(id(module))
         return original(module, *args)
+
     monkeypatch.setattr(attention, "absorb", recording)
     for _ in range(2):  # two generate calls of 5 decoding steps each
         backend.generate(model, images, max_length=6, stop=False)
@@ -156,7 +160,7 @@ def test_absorbed_weights_derived_once_per_cache_from_the_current_weights(framew
     w_out = backend.numpy(attn.o_proj.weight).astype(np.float64).reshape(cfg.d_model, cfg.heads, cfg.head_dim)
     n = cfg.nope_dim
     q_lat = np.einsum("hkr,hki->hri", w_kv[:, :n], w_qb[:, :n])
-    want_q = np.concatenate([q_lat, w_qb[:, n:]], axis=1).reshape(-1, w_qb.shape[2]) * cfg.head_dim ** -0.5
+    want_q = np.concatenate([q_lat, w_qb[:, n:]], axis=1).reshape(-1, w_qb.shape[2]) * cfg.head_dim**-0.5
     want_o = np.einsum("dhv,hvr->dhr", w_out, w_kv[:, n:]).reshape(cfg.d_model, -1)
     folded = cache.layers[0].absorbed
     w_q, w_o = backend.numpy(folded.w_q).T, backend.numpy(folded.w_o).T  # stored input-major
@@ -183,6 +187,6 @@ def test_sampling(fw, grids, greedy):
         for row in out:
             hit = np.flatnonzero(row == FINISH)
             if hit.size:
-                assert (row[hit[0] + 1:] == PAD).all()
+                assert (row[hit[0] + 1 :] == PAD).all()
                 finished_early += hit[0] + 1 < row.size
         assert finished_early >= 10

@@ -1,5 +1,6 @@
 """`mla-mnist convert`: bit-exact round trips between formats, dtype rounding, the original implementation's
 state dicts, schema errors, refusal of code-running pickles, MLX files, and running without torch."""
+
 import json
 import os
 import subprocess
@@ -20,9 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig.preset("tiny")
 # Shaped like the original implementation (no final norms, dropout 0.1) with every rank distinct, so that a
 # mixed-up inference shows; heads 4 x head_dim 8, rope_dim 4.
-ORIGINAL_CFG = ModelConfig(grid=2, patch=7, d_model=32, enc_layers=2, dec_layers=1, heads=4, dropout=0.1,
-                           final_norm=False, enc_q_rank=24, enc_kv_rank=16, dec_q_rank=20, dec_kv_rank=12,
-                           cross_kv_rank=8)
+ORIGINAL_CFG = ModelConfig(
+    grid=2,
+    patch=7,
+    d_model=32,
+    enc_layers=2,
+    dec_layers=1,
+    heads=4,
+    dropout=0.1,
+    final_norm=False,
+    enc_q_rank=24,
+    enc_kv_rank=16,
+    dec_q_rank=20,
+    dec_kv_rank=12,
+    cross_kv_rank=8,
+)
 
 
 def _random_weights(cfg, seed=0):
@@ -107,11 +120,22 @@ def test_dtype_conversion_rounds_like_torch(tmp_path, dtype):
 
 
 # ---- 2. the original implementation's state dicts ----------------------------------------------------------
-_SELF = {"q_a_proj": "q_a_proj", "q_a_layernorm": "q_a_norm", "q_b_proj": "q_b_proj",
-         "kv_a_proj_with_rope": "kv_a_proj", "kv_a_layernorm": "kv_a_norm", "kv_b_proj": "kv_b_proj",
-         "out_proj": "o_proj"}
-_CROSS = {"q_proj": "q_proj", "kv_a_proj": "kv_a_proj", "kv_a_layernorm": "kv_a_norm", "kv_b_proj": "kv_b_proj",
-          "out_proj": "o_proj"}
+_SELF = {
+    "q_a_proj": "q_a_proj",
+    "q_a_layernorm": "q_a_norm",
+    "q_b_proj": "q_b_proj",
+    "kv_a_proj_with_rope": "kv_a_proj",
+    "kv_a_layernorm": "kv_a_norm",
+    "kv_b_proj": "kv_b_proj",
+    "out_proj": "o_proj",
+}
+_CROSS = {
+    "q_proj": "q_proj",
+    "kv_a_proj": "kv_a_proj",
+    "kv_a_layernorm": "kv_a_norm",
+    "kv_b_proj": "kv_b_proj",
+    "out_proj": "o_proj",
+}
 
 
 def _original_state(ours: dict, cfg: ModelConfig, conv: bool) -> dict:
@@ -229,8 +253,11 @@ def test_all_schema_problems_reported_at_once(tmp_path, capsys):
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(UserError) as e:
         convert(tmp_path / "bad.pt", tmp_path / "out", config=TINY)
-    for part in ("missing 1: encoder.1.mlp.fc2.bias", "unexpected 1: encoder.0.attn.rope_freqs",
-                 "head.weight (13, 31) != (13, 32)"):
+    for part in (
+        "missing 1: encoder.1.mlp.fc2.bias",
+        "unexpected 1: encoder.0.attn.rope_freqs",
+        "head.weight (13, 31) != (13, 32)",
+    ):
         assert part in str(e.value)
     for dst in ("out", "out.npz", "out.pt"):
         err = _one_line_error(capsys, ["convert", str(tmp_path / "bad.pt"), str(tmp_path / dst), "--preset", "tiny"])
@@ -243,8 +270,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     weights = _random_weights(TINY)
     weights["head.bias"][3] = np.nan
     np.savez(tmp_path / "nan.npz", **weights)
-    assert "NaN" in _one_line_error(capsys, ["convert", str(tmp_path / "nan.npz"), str(tmp_path / "o"),
-                                             "--preset", "tiny"])
+    assert "NaN" in _one_line_error(
+        capsys, ["convert", str(tmp_path / "nan.npz"), str(tmp_path / "o"), "--preset", "tiny"]
+    )
     (tmp_path / "w.bin").write_bytes(b"\0" * 16)
     err = _one_line_error(capsys, ["convert", str(tmp_path / "w.bin"), str(tmp_path / "o")])
     assert ".pt" in err and ".npz" in err and ".safetensors" in err and "checkpoint directory" in err
@@ -292,7 +320,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
 # ---- 5. MLX weight files -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["npz", "safetensors", "npz-bf16"])
 def test_mlx_weight_files_convert_for_torch(tmp_path, fmt):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     mx = pytest.importorskip("mlx.core")
     from mlx.utils import tree_flatten
 
@@ -334,8 +362,7 @@ def test_convert_runs_without_torch(tmp_path):
         "assert sys.modules['torch'] is None\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "writing .pt needs torch: pip install 'mla-mnist[torch]'" in run.stderr
     assert "wrote" in run.stdout

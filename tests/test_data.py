@@ -13,10 +13,26 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from convert.errors import UserError
-from mnist_grid import (FINISH, PAD, START, VOCAB, GridStream, compose, decode, digits, draw,
-                        edit_distance, encode, evaluate, load_image, load_split, render,
-                        resolve_data_dir, save_image)
-from mnist_grid import mnist
+from mnist_grid import (
+    FINISH,
+    PAD,
+    START,
+    VOCAB,
+    GridStream,
+    compose,
+    decode,
+    digits,
+    draw,
+    edit_distance,
+    encode,
+    evaluate,
+    load_image,
+    load_split,
+    mnist,
+    render,
+    resolve_data_dir,
+    save_image,
+)
 from mnist_grid.metrics import format_table
 from mnist_grid.tokens import max_tokens
 
@@ -50,6 +66,7 @@ def _plain_copy(src_dir, dst_dir, names=TEST_FILES):
 
 
 # --- MNIST files ---------------------------------------------------------------------------
+
 
 def test_real_files_parse(mnist_dir):
     train_x, train_y = load_split("train", mnist_dir, download=False)
@@ -179,6 +196,7 @@ def test_resolve_data_dir(tmp_path, monkeypatch):
 
 # --- grid composition ----------------------------------------------------------------------
 
+
 def _cells(x, grid):
     """[n, G*28, G*28] -> [n, G*G, 28, 28] in reading order."""
     n = len(x)
@@ -197,7 +215,7 @@ def _check_grids(x, tokens, d, images, labels, grid):
         occupied = np.flatnonzero(d.occupied[i])
         assert len(occupied) == d.k[i]
         assert tokens[i, 0] == START and tokens[i, d.k[i] + 1] == FINISH
-        assert (tokens[i, d.k[i] + 2:] == PAD).all()
+        assert (tokens[i, d.k[i] + 2 :] == PAD).all()
         for slot, c in enumerate(occupied):
             np.testing.assert_array_equal(cells[i, c], images[d.index[i, c]] / np.float32(255))
             assert tokens[i, slot + 1] == labels[d.index[i, c]]
@@ -245,7 +263,7 @@ def test_augmentation_shifts_digits(test_pool):
     assert np.abs(d.shift).max() == 2 and (d.shift != 0).any()
     for i, c in zip(*np.nonzero(d.occupied)):
         dy, dx = d.shift[i, c]
-        src = np.pad(images[d.index[i, c]], 2)[2 - dy:30 - dy, 2 - dx:30 - dx] / np.float32(255)
+        src = np.pad(images[d.index[i, c]], 2)[2 - dy : 30 - dy, 2 - dx : 30 - dx] / np.float32(255)
         np.testing.assert_array_equal(cells[i, c], src)
     plain = render(images, labels, 3, d._replace(shift=None))
     np.testing.assert_array_equal(plain[1], tokens)
@@ -261,9 +279,12 @@ def test_stream_determinism(stream, mnist_dir):
     x2, t2 = GridStream("val", 4, seed=7, data_dir=mnist_dir).batch(0, 3, 16)
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(t, t2)
-    for other in (GridStream("val", 4, seed=8, data_dir=mnist_dir).batch(0, 3, 16),
-                  stream.batch(1, 3, 16), stream.batch(0, 4, 16),
-                  GridStream("test", 4, seed=7, data_dir=mnist_dir).batch(0, 3, 16)):
+    for other in (
+        GridStream("val", 4, seed=8, data_dir=mnist_dir).batch(0, 3, 16),
+        stream.batch(1, 3, 16),
+        stream.batch(0, 4, 16),
+        GridStream("test", 4, seed=7, data_dir=mnist_dir).batch(0, 3, 16),
+    ):
         assert not np.array_equal(other[0], x)
 
 
@@ -318,6 +339,7 @@ def test_composer_property(test_pool, grid, seed, n):
 
 
 # --- tokens --------------------------------------------------------------------------------
+
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 9), max_size=16), max_size=8))
@@ -415,6 +437,7 @@ def test_evaluate_properties(pairs, rnd):
 
 
 # --- images --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def grid_image(test_pool):

@@ -3,6 +3,7 @@
 The workers are this file run as a script under the launcher (see the bottom), so the tests exercise the
 real launch path: environment detection, process-group set-up, gradient and validation all-reduces.
 """
+
 import json
 import os
 import shutil
@@ -62,10 +63,16 @@ def run_steps(framework, out=None) -> dict:
     counts = [int((y[:, 1:] != 12).sum()) for _, y in batches]  # 12: PAD
     val_x, val_y = GridStream("val", config.grid, 0).fixed(VAL, seed=EVAL_SEED)
     spec = RunSpec(epochs=1, batch_size=BATCH, train_samples=BATCH * STEPS, seed=0, augment=False, train=tc)
-    record = _validate(backend, trainer.model, trainer, val_x, val_y, 1.0, STEPS, float(np.mean(losses)), spec,
-                       1.0, STEPS, rank, world)
-    result = {"world": world, "losses": losses, "counts": backend.all_sum(counts).tolist(), "local_counts": counts,
-              "val": {k: record[k] for k in ("val_loss", "val_exact_match", "val_digit_accuracy")}}
+    record = _validate(
+        backend, trainer.model, trainer, val_x, val_y, 1.0, STEPS, float(np.mean(losses)), spec, 1.0, STEPS, rank, world
+    )
+    result = {
+        "world": world,
+        "losses": losses,
+        "counts": backend.all_sum(counts).tolist(),
+        "local_counts": counts,
+        "val": {k: record[k] for k in ("val_loss", "val_exact_match", "val_digit_accuracy")},
+    }
     if out is not None and rank == 0:
         Path(out).write_text(json.dumps(result))
     return result
@@ -93,8 +100,26 @@ def test_cli_under_the_launcher_writes_one_ordinary_checkpoint(framework, tmp_pa
     from mla_mnist.cli import main
 
     ckpt = tmp_path / "ckpt"
-    train = ["-m", "mla_mnist", "train", "--framework", framework, "--preset", "tiny", "--device", "cpu",
-             "--train-samples", "64", "--batch-size", "16", "--val-samples", "16", "--quiet", "--out", str(ckpt)]
+    train = [
+        "-m",
+        "mla_mnist",
+        "train",
+        "--framework",
+        framework,
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--train-samples",
+        "64",
+        "--batch-size",
+        "16",
+        "--val-samples",
+        "16",
+        "--quiet",
+        "--out",
+        str(ckpt),
+    ]
     proc = _launch(framework, 2, [*train, "--max-steps", "2"])
     assert proc.stdout.count(f"saved {ckpt}") == 1  # rank 0 alone reports (and writes)
     state = json.loads((ckpt / "train_state.json").read_text())
@@ -105,8 +130,23 @@ def test_cli_under_the_launcher_writes_one_ordinary_checkpoint(framework, tmp_pa
     assert main(["eval", str(ckpt), "--framework", framework, "--device", "cpu", "--samples", "12", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 12
     # the same global batch in one process continues the run (the data order is the global batch's)
-    assert main(["train", "--framework", framework, "--resume", str(ckpt), "--device", "cpu", "--quiet",
-                 "--val-samples", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--framework",
+                framework,
+                "--resume",
+                str(ckpt),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--val-samples",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
 
 

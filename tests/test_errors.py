@@ -3,6 +3,7 @@
 Most cases run in-process through `mla_mnist.cli.main` (fast); a few run `python -m mla_mnist` to prove the
 real exit status and stderr, and what a closed pipe does.
 """
+
 import gzip
 import json
 import os
@@ -55,8 +56,28 @@ def run_ck(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy 2-core machine more threads only wait on each other
     try:
-        assert main(["train", *TORCH, "--preset", "tiny", "--batch-size", "4", "--train-samples", "8",
-                     "--max-steps", "1", "--val-samples", "4", "--quiet", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *TORCH,
+                    "--preset",
+                    "tiny",
+                    "--batch-size",
+                    "4",
+                    "--train-samples",
+                    "8",
+                    "--max-steps",
+                    "1",
+                    "--val-samples",
+                    "4",
+                    "--quiet",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     return out
@@ -76,12 +97,14 @@ def image(tmp_path):
 
 # ---- damaged checkpoints: every command that reads one -----------------------------------------------
 
+
 def _edit_weights(edit):
     def damage(ck, tmp):
         weights, _, _ = safetensors_np.read(ck / "model.safetensors")
         edit(weights)
         safetensors_np.write(ck / "model.safetensors", weights)
         return ck
+
     return damage
 
 
@@ -91,6 +114,7 @@ def _edit_config(edit):
         edit(meta)
         (ck / "config.json").write_text(json.dumps(meta))
         return ck
+
     return damage
 
 
@@ -99,6 +123,7 @@ def _rewrite(name, content):
         data = (ck / name).read_bytes()
         (ck / name).write_bytes(content(data))
         return ck
+
     return damage
 
 
@@ -115,6 +140,7 @@ def _bare_file(kind):
         else:
             shutil.copy(ck / "model.safetensors", path)
         return path
+
     return damage
 
 
@@ -122,6 +148,7 @@ def _remove(name):
     def damage(ck, tmp):
         (ck / name).unlink()
         return ck
+
     return damage
 
 
@@ -138,6 +165,7 @@ def _set(key, value):
 def _poison(value):
     def edit(w):
         w["encoder.0.mlp.fc1.weight"][0, 0] = value
+
     return edit
 
 
@@ -146,10 +174,9 @@ DAMAGE = {
     "empty folder": (_empty_folder, "has no config.json"),
     "folder without config.json": (_remove("config.json"), "has no config.json"),
     "folder without weights": (_remove("model.safetensors"), "has no model.safetensors"),
-    "truncated weights": (_rewrite("model.safetensors", lambda d: d[:len(d) // 2]), "truncated or corrupt"),
+    "truncated weights": (_rewrite("model.safetensors", lambda d: d[: len(d) // 2]), "truncated or corrupt"),
     "empty weights file": (_rewrite("model.safetensors", lambda d: b""), "truncated or corrupt"),
-    "garbage header": (_rewrite("model.safetensors", lambda d: d[:8] + b"\xff" * 64 + d[72:]),
-                       "header is not JSON"),
+    "garbage header": (_rewrite("model.safetensors", lambda d: d[:8] + b"\xff" * 64 + d[72:]), "header is not JSON"),
     "wrong shape": (_edit_weights(_set("head.bias", np.zeros(5, np.float32))), "wrong shape 1: head.bias"),
     "missing tensor": (_edit_weights(lambda w: w.pop("head.bias")), "missing 1: head.bias"),
     "extra tensor": (_edit_weights(_set("head.extra", np.zeros(3, np.float32))), "unexpected 1: head.extra"),
@@ -166,16 +193,25 @@ DAMAGE = {
     "bare .safetensors": (_bare_file("safetensors"), "mla-mnist convert"),
 }
 # What every command that takes a checkpoint must handle; eval also gets the whole table.
-EVERY_COMMAND = ["missing path", "folder without config.json", "truncated weights", "NaN weights", "bare .npz",
-                 "bare .pt", "wrong shape"]
+EVERY_COMMAND = [
+    "missing path",
+    "folder without config.json",
+    "truncated weights",
+    "NaN weights",
+    "bare .npz",
+    "bare .pt",
+    "wrong shape",
+]
 
 
 def _command(name, path, image, tmp):
     out = ["--out", tmp / "out", "--val-samples", "4", "--quiet"]
-    return {"eval": ["eval", path, *TORCH, "--samples", "4"],
-            "predict": ["predict", image, "--checkpoint", path, *TORCH],
-            "train --resume": ["train", *TORCH, "--resume", path, *out],
-            "train --init": ["train", *TORCH, "--preset", "tiny", "--init", path, *out]}[name]
+    return {
+        "eval": ["eval", path, *TORCH, "--samples", "4"],
+        "predict": ["predict", image, "--checkpoint", path, *TORCH],
+        "train --resume": ["train", *TORCH, "--resume", path, *out],
+        "train --init": ["train", *TORCH, "--preset", "tiny", "--init", path, *out],
+    }[name]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -201,18 +237,35 @@ def test_eval_best_weights_missing(ck, tmp_path, capsys):
 @pytest.mark.parametrize("loader", ["checkpoint.load", "mla_torch.load", "safetensors_np.read"])
 def test_public_loaders_raise_user_error(loader, ck, tmp_path):
     _rewrite("model.safetensors", lambda d: d[:100])(ck, tmp_path)
-    call = {"checkpoint.load": lambda: checkpoint.load(ck),
-            "mla_torch.load": lambda: pytest.importorskip("mla_torch").load(ck),
-            "safetensors_np.read": lambda: safetensors_np.read(ck / "model.safetensors")}[loader]
+    call = {
+        "checkpoint.load": lambda: checkpoint.load(ck),
+        "mla_torch.load": lambda: pytest.importorskip("mla_torch").load(ck),
+        "safetensors_np.read": lambda: safetensors_np.read(ck / "model.safetensors"),
+    }[loader]
     with pytest.raises(UserError, match="truncated or corrupt"):
         call()
 
 
 # ---- train: presets, config files, numbers, output paths, resume ------------------------------------
 
+
 def _train_case(tmp, *extra):
-    return ["train", *TORCH, "--train-samples", "8", "--batch-size", "4", "--val-samples", "4", "--max-steps", "1",
-            "--quiet", "--out", tmp / "out", *extra]
+    return [
+        "train",
+        *TORCH,
+        "--train-samples",
+        "8",
+        "--batch-size",
+        "4",
+        "--val-samples",
+        "4",
+        "--max-steps",
+        "1",
+        "--quiet",
+        "--out",
+        tmp / "out",
+        *extra,
+    ]
 
 
 def _config_file(tmp, text):
@@ -223,14 +276,18 @@ def _config_file(tmp, text):
 
 TRAIN_CASES = {
     "unknown preset": (lambda t: ["--preset", "huge"], "invalid choice: 'huge' (choose from 'tiny', 'small', 'seed')"),
-    "unknown config field": (lambda t: ["--config", _config_file(t, '{"grid": 2, "colour": 1}')],
-                             "unknown config field(s) colour"),
+    "unknown config field": (
+        lambda t: ["--config", _config_file(t, '{"grid": 2, "colour": 1}')],
+        "unknown config field(s) colour",
+    ),
     "config not JSON": (lambda t: ["--config", _config_file(t, '{"grid": 2,')], "is not valid JSON"),
     "config not an object": (lambda t: ["--config", _config_file(t, "[2, 14]")], "must be a JSON object"),
     "config missing": (lambda t: ["--config", t / "nope.json"], "cannot read --config"),
     "config grid 0": (lambda t: ["--config", _config_file(t, '{"grid": 0}')], "grid must be a positive integer"),
-    "config dropout 1": (lambda t: ["--config", _config_file(t, '{"grid": 2, "dropout": 1.0}')],
-                         "dropout must be in [0, 1)"),
+    "config dropout 1": (
+        lambda t: ["--config", _config_file(t, '{"grid": 2, "dropout": 1.0}')],
+        "dropout must be in [0, 1)",
+    ),
     "preset and config": (lambda t: ["--preset", "tiny", "--config", _config_file(t, "{}")], "not both"),
     "epochs 0": (lambda t: ["--preset", "tiny", "--epochs", "0"], "--epochs: must be > 0"),
     "epochs negative": (lambda t: ["--preset", "tiny", "--epochs", "-2"], "--epochs: must be > 0"),
@@ -243,11 +300,15 @@ TRAIN_CASES = {
     "fewer samples than a batch": (lambda t: ["--preset", "tiny", "--train-samples", "2"], "less than one batch"),
     "unknown device": (lambda t: ["--preset", "tiny", "--device", "tpu"], "not a torch device"),
     "unknown framework": (lambda t: ["--preset", "tiny", "--framework", "jax"], "invalid choice: 'jax'"),
-    "out under a file": (lambda t: ["--preset", "tiny", "--out", _config_file(t, "{}") / "ck"],
-                         "is a file, not a directory"),
+    "out under a file": (
+        lambda t: ["--preset", "tiny", "--out", _config_file(t, "{}") / "ck"],
+        "is a file, not a directory",
+    ),
     "out is a file": (lambda t: ["--preset", "tiny", "--out", _config_file(t, "{}")], "exists and is not a directory"),
-    "out is someone's folder": (lambda t: ["--preset", "tiny", "--out", Path(_config_file(t, "{}")).parent],
-                                "not a checkpoint and is not empty"),
+    "out is someone's folder": (
+        lambda t: ["--preset", "tiny", "--out", Path(_config_file(t, "{}")).parent],
+        "not a checkpoint and is not empty",
+    ),
 }
 
 
@@ -294,11 +355,11 @@ def test_resume_refuses(case, ck, tmp_path, capsys):
         _resume_damage(name, ck, tmp_path)
     (tmp_path / "dropout.json").write_text(json.dumps({**ModelConfig.preset("tiny").to_dict(), "dropout": 0.2}))
     extra = [str(ck) if a == "CK" else str(tmp_path / a) if a.endswith(".json") else a for a in extra]
-    _fails_cleanly(["train", *TORCH, "--resume", ck, "--val-samples", "4", "--quiet", *extra], capsys, tmp_path,
-                   phrase)
+    _fails_cleanly(["train", *TORCH, "--resume", ck, "--val-samples", "4", "--quiet", *extra], capsys, tmp_path, phrase)
 
 
 # ---- MNIST files, make-grid, predict, eval numbers, convert, the parser ------------------------------
+
 
 def _mnist_copy(tmp, damage):
     """A copy of the test split's two files, one of them damaged."""
@@ -323,8 +384,7 @@ MNIST_CASES = {"checksum": "checksum mismatch", "header": "wrong IDX header", "t
 @pytest.mark.parametrize("command", ["make-grid", "eval"])
 def test_damaged_mnist(command, damage, run_ck, tmp_path, capsys):
     data = _mnist_copy(tmp_path, damage)
-    argv = {"make-grid": ["make-grid", tmp_path / "g.png"],
-            "eval": ["eval", run_ck, *TORCH, "--samples", "4"]}[command]
+    argv = {"make-grid": ["make-grid", tmp_path / "g.png"], "eval": ["eval", run_ck, *TORCH, "--samples", "4"]}[command]
     msg = _fails_cleanly(argv + ["--data-dir", data], capsys, tmp_path, MNIST_CASES[damage])
     assert "re-download" in msg
 
@@ -335,8 +395,9 @@ def test_mnist_missing_offline(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(mnist.urllib.request, "urlopen", offline)
     (tmp_path / "empty").mkdir()
-    msg = _fails_cleanly(["make-grid", tmp_path / "g.png", "--data-dir", tmp_path / "empty"], capsys, tmp_path,
-                         "MNIST files missing")
+    msg = _fails_cleanly(
+        ["make-grid", tmp_path / "g.png", "--data-dir", tmp_path / "empty"], capsys, tmp_path, "MNIST files missing"
+    )
     assert "--data-dir" in msg and "MLA_MNIST_DIR" in msg
 
 
@@ -379,9 +440,14 @@ def _bad_image(kind, tmp):
     return path
 
 
-IMAGE_CASES = {"text file": "not a readable PNG/JPEG image", "empty file": "not a readable PNG/JPEG image",
-               "truncated PNG": "not a readable PNG/JPEG image", "too small": "too small (5x40 px)",
-               "missing": "does not exist", "folder": "is not a file"}
+IMAGE_CASES = {
+    "text file": "not a readable PNG/JPEG image",
+    "empty file": "not a readable PNG/JPEG image",
+    "truncated PNG": "not a readable PNG/JPEG image",
+    "too small": "too small (5x40 px)",
+    "missing": "does not exist",
+    "folder": "is not a file",
+}
 
 
 @pytest.mark.parametrize("kind", IMAGE_CASES)
@@ -430,8 +496,9 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
             return os.system, (f"touch {marker}",)
 
     torch.save({"head.weight": Payload()}, tmp_path / "evil.pt")
-    _fails_cleanly(["convert", tmp_path / "evil.pt", tmp_path / "out", "--preset", "tiny"], capsys, tmp_path,
-                   "refused to load")
+    _fails_cleanly(
+        ["convert", tmp_path / "evil.pt", tmp_path / "out", "--preset", "tiny"], capsys, tmp_path, "refused to load"
+    )
     assert not marker.exists()
 
 
@@ -441,11 +508,19 @@ def test_convert_missing_source(tmp_path, capsys):
 
 # ---- real processes: exit status, stderr, --debug, closed pipes ---------------------------------------
 
+
 def _run(args, tmp, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.update(kwargs.pop("env", {}))
-    return subprocess.run([sys.executable, "-m", "mla_mnist", *map(str, args)], cwd=tmp, env=env, text=True,
-                          capture_output=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "mla_mnist", *map(str, args)],
+        cwd=tmp,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("case", ["truncated weights", "config not JSON", "bad MNIST"])
@@ -478,7 +553,14 @@ def test_closed_pipe_is_quiet(args, buffered, tmp_path):
     os.close(read)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update({"PYTHONPATH": str(ROOT)} if buffered else {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-    p = subprocess.run([sys.executable, "-m", "mla_mnist", *args], cwd=tmp_path, env=env, stdout=write,
-                       stderr=subprocess.PIPE, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "mla_mnist", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
     os.close(write)
     assert p.stderr == "" and p.returncode in (0, 141)

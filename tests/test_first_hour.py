@@ -1,5 +1,6 @@
 """What a newcomer meets first: defaults that work from any folder, nothing overwritten unasked, one-line
 errors for devices that are not there, bench's outputs where it says."""
+
 import importlib.util
 import json
 import os
@@ -34,12 +35,29 @@ def tiny(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_the_shipped_checkpoint_is_the_default_from_any_folder(tmp_path):
     """`eval` with no checkpoint and `mla_torch.load()` with no argument, run from a folder with no checkpoints."""
-    code = ("import mla_torch, sys; m = mla_torch.load(); sys.exit(0 if m.config.grid == 4 else 1)")
+    code = "import mla_torch, sys; m = mla_torch.load(); sys.exit(0 if m.config.grid == 4 else 1)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env).returncode == 0
-    out = subprocess.run([sys.executable, "-m", "mla_mnist", "eval", "--framework", "torch", "--device", "cpu",
-                          "--samples", "4", "--json", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mla_mnist",
+            "eval",
+            "--framework",
+            "torch",
+            "--device",
+            "cpu",
+            "--samples",
+            "4",
+            "--json",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["checkpoint"].endswith("checkpoints/small")
 
@@ -47,8 +65,24 @@ def test_the_shipped_checkpoint_is_the_default_from_any_folder(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_train_refuses_to_replace_a_run_unless_forced(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--framework", "torch", "--device", "cpu", "--train-samples", "64",
-            "--batch-size", "32", "--val-samples", "8", "--quiet", "--out", str(out)]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--framework",
+        "torch",
+        "--device",
+        "cpu",
+        "--train-samples",
+        "64",
+        "--batch-size",
+        "32",
+        "--val-samples",
+        "8",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
@@ -89,8 +123,20 @@ def test_mlx_gpu_that_is_not_there_is_one_line(capsys):
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_bench_writes_json_and_plot_into_a_named_folder_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["bench", "--preset", "tiny", "--lengths", "3", "--repeats", "1", "--train-steps", "0",
-            "--frameworks", "torch", "--quiet"]
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--lengths",
+        "3",
+        "--repeats",
+        "1",
+        "--train-steps",
+        "0",
+        "--frameworks",
+        "torch",
+        "--quiet",
+    ]
     assert main(argv) == 0
     folder = tmp_path / "runs" / "bench-tiny"
     result = json.loads((folder / "bench.json").read_text())

@@ -4,6 +4,7 @@ behind, memory bounded; and odd but legitimate inputs still work, so refusing ev
 Most cases call `mla_mnist.cli.main` in-process (fast); a few run `python -m mla_mnist` in a subprocess to
 measure peak RSS, and to hold a run lock from another process.
 """
+
 import gzip
 import io
 import json
@@ -78,8 +79,14 @@ def tiny_ck(tmp_path_factory):
 
 
 def _state():
-    spec = {"epochs": 1, "batch_size": 4, "train_samples": 8, "seed": 0, "augment": False,
-            "train": TrainConfig(lr=3e-3, warmup_steps=1, total_steps=2).to_dict()}
+    spec = {
+        "epochs": 1,
+        "batch_size": 4,
+        "train_samples": 8,
+        "seed": 0,
+        "augment": False,
+        "train": TrainConfig(lr=3e-3, warmup_steps=1, total_steps=2).to_dict(),
+    }
     return {"step": 1, "framework": "torch", "spec": json.loads(json.dumps(spec)), "history": [], "best": None}
 
 
@@ -107,6 +114,7 @@ def _raw_safetensors(path: Path, header, body: bytes = b"\0" * 64, length=None):
 
 
 # ---- 1. safetensors headers: wrong JSON types, huge numbers, sizes ----------------------------------------
+
 
 def _entry(**over):
     return {"t": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64], **over}}
@@ -201,8 +209,16 @@ CONFIG_FIELDS = {
     "enc_layers over the limit": {"enc_layers": 10**9},
     "dec_layers negative": {"dec_layers": -2},
     "mlp_ratio over the limit": {"mlp_ratio": 10**5},
-    "parameters over 2e9": {"d_model": 8192, "heads": 64, "enc_layers": 64, "enc_kv_rank": 4096,
-                            "enc_q_rank": 4096, "dec_kv_rank": 4096, "dec_q_rank": 4096, "cross_kv_rank": 4096},
+    "parameters over 2e9": {
+        "d_model": 8192,
+        "heads": 64,
+        "enc_layers": 64,
+        "enc_kv_rank": 4096,
+        "enc_q_rank": 4096,
+        "dec_kv_rank": 4096,
+        "dec_q_rank": 4096,
+        "cross_kv_rank": 4096,
+    },
     "rank a boolean": {"enc_kv_rank": True},
     "rank as a string": {"enc_kv_rank": "16"},
     "rank a float": {"dec_q_rank": 0.5},
@@ -268,15 +284,19 @@ def test_config_json_bytes(content, ck, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["nested --config", "NaN rope_base --config", "string grid --config"])
 def test_train_config_file(case, tmp_path, capsys):
-    text = {"nested --config": "[" * 100_000 + "]" * 100_000,
-            "NaN rope_base --config": json.dumps({**ModelConfig.preset("tiny").to_dict(), "rope_base": float("nan")}),
-            "string grid --config": json.dumps({**ModelConfig.preset("tiny").to_dict(), "grid": "2"})}[case]
+    text = {
+        "nested --config": "[" * 100_000 + "]" * 100_000,
+        "NaN rope_base --config": json.dumps({**ModelConfig.preset("tiny").to_dict(), "rope_base": float("nan")}),
+        "string grid --config": json.dumps({**ModelConfig.preset("tiny").to_dict(), "grid": "2"}),
+    }[case]
     (tmp_path / "model.json").write_text(text)
-    _fails(["train", *TORCH, "--config", tmp_path / "model.json", "--out", tmp_path / "out", "--quiet"], capsys,
-           tmp_path)
+    _fails(
+        ["train", *TORCH, "--config", tmp_path / "model.json", "--out", tmp_path / "out", "--quiet"], capsys, tmp_path
+    )
 
 
 # ---- 3. torch .pt files numpy cannot take -----------------------------------------------------------------
+
 
 def _pt(kind, tiny_ck, path):
     import torch
@@ -321,11 +341,21 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
-PT_CASES = {"integer keys": "not strings", "tuple key": "not strings", "float8 tensor": "float8_e4m3fn",
-            "complex tensor": "complex64", "sparse tensor": "sparse_coo", "quantized tensor": "qint8",
-            "a list of tensors": "holds a list", "empty dict": "holds a dict", "numbers not tensors": "are not tensors",
-            "wrapped integer keys": "not strings", "code-running pickle": "refused to load",
-            "random bytes": "refused to load", "truncated": "refused to load"}
+PT_CASES = {
+    "integer keys": "not strings",
+    "tuple key": "not strings",
+    "float8 tensor": "float8_e4m3fn",
+    "complex tensor": "complex64",
+    "sparse tensor": "sparse_coo",
+    "quantized tensor": "qint8",
+    "a list of tensors": "holds a list",
+    "empty dict": "holds a dict",
+    "numbers not tensors": "are not tensors",
+    "wrapped integer keys": "not strings",
+    "code-running pickle": "refused to load",
+    "random bytes": "refused to load",
+    "truncated": "refused to load",
+}
 
 
 @pytest.mark.parametrize("kind", PT_CASES)
@@ -336,6 +366,7 @@ def test_torch_file(kind, tiny_ck, tmp_path, capsys):
 
 
 # ---- 4. .npz members checked before they are inflated -----------------------------------------------------
+
 
 def _npy_header(dtype: str, shape) -> bytes:
     buf = io.BytesIO()
@@ -385,12 +416,21 @@ def _npz(kind, tiny_ck, path):
     return path
 
 
-NPZ_CASES = {"zip bomb": "inflate to", "header bigger than the data": "not the 1,000,000,000,000 values",
-             "shape entry beyond 64 bits": "values of its shape", "object array": "dtype object",
-             "unicode strings": "dtype <U3", "complex values": "dtype complex64", "datetimes": "datetime64",
-             "structured dtype": "expected floating point", "member not .npy": "not a .npy array",
-             "npy format 9": "not a readable .npz", "a single .npy": "not an archive",
-             "truncated zip": "not a readable .npz", "random bytes": "not a readable .npz"}
+NPZ_CASES = {
+    "zip bomb": "inflate to",
+    "header bigger than the data": "not the 1,000,000,000,000 values",
+    "shape entry beyond 64 bits": "values of its shape",
+    "object array": "dtype object",
+    "unicode strings": "dtype <U3",
+    "complex values": "dtype complex64",
+    "datetimes": "datetime64",
+    "structured dtype": "expected floating point",
+    "member not .npy": "not a .npy array",
+    "npy format 9": "not a readable .npz",
+    "a single .npy": "not an archive",
+    "truncated zip": "not a readable .npz",
+    "random bytes": "not a readable .npz",
+}
 
 
 @pytest.mark.parametrize("kind", NPZ_CASES)
@@ -400,6 +440,7 @@ def test_npz_file(kind, tiny_ck, tmp_path, capsys):
 
 
 # ---- 5. resume state with missing or malformed fields -----------------------------------------------------
+
 
 def _spec(**over):
     return lambda s: s["spec"].update(over)
@@ -415,6 +456,7 @@ def _del(*keys):
         for k in keys[:-1]:
             d = d[k]
         del d[keys[-1]]
+
     return edit
 
 
@@ -450,13 +492,18 @@ def test_resume_state(case, ck, tmp_path, capsys):
     state = _state()
     STATE_CASES[case](state)
     (ck / "train_state.json").write_text(json.dumps(state))
-    _fails(["train", *TORCH, "--resume", ck, "--val-samples", "4", "--quiet"], capsys, tmp_path,
-           "train_state.json is corrupt")
+    _fails(
+        ["train", *TORCH, "--resume", ck, "--val-samples", "4", "--quiet"],
+        capsys,
+        tmp_path,
+        "train_state.json is corrupt",
+    )
 
 
 def _opt_step(value):
     def edit(arrays):
         arrays["step"] = value
+
     return edit
 
 
@@ -528,6 +575,7 @@ def test_cli_number(case, ck, tmp_path, capsys):
 
 # ---- 7. MNIST IDX and gzip files: sizes checked before reading --------------------------------------------
 
+
 def _idx(magic, dims, payload=b""):
     return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload
 
@@ -556,16 +604,20 @@ def _bomb():
 
 IDX_CASES = {
     "labels claim 2**32-1 items": (dict(labels=_idx(2049, [2**32 - 1], b"\0" * 100)), "wrong IDX header"),
-    "images dims whose product wraps int64": (dict(images=_idx(2051, [2**31, 2**31, 2**31], b"\0" * 100)),
-                                              "wrong IDX header"),
+    "images dims whose product wraps int64": (
+        dict(images=_idx(2051, [2**31, 2**31, 2**31], b"\0" * 100)),
+        "wrong IDX header",
+    ),
     "images shorter than their header": (dict(images=b"\x00\x00\x08"), "wrong IDX header"),
     "unknown magic": (dict(labels=_idx(2050, [10], b"\0" * 10)), "wrong IDX header"),
     "images of 7x7 digits": (dict(images=_idx(2051, [10000, 7, 7], b"\0" * 490000)), "checksum mismatch"),
     "gzip bomb": (dict(labels=_bomb(), gz=True), "more than 67,108,864 bytes"),
     "gzip garbage": (dict(labels=b"\x1f\x8b" + os.urandom(200), gz=True), "cannot read"),
     "gzip truncated": (dict(labels=gzip.compress(_idx(2049, [10000], b"\1" * 10000))[:-40], gz=True), "cannot read"),
-    "gzip labels claim 2**32-1 items": (dict(labels=gzip.compress(_idx(2049, [2**32 - 1], b"\0" * 100)), gz=True),
-                                        "wrong IDX header"),
+    "gzip labels claim 2**32-1 items": (
+        dict(labels=gzip.compress(_idx(2049, [2**32 - 1], b"\0" * 100)), gz=True),
+        "wrong IDX header",
+    ),
 }
 
 
@@ -578,8 +630,12 @@ def test_mnist_file(case, tmp_path, capsys):
 
 # ---- 8. one line means one line: names that could split or colour the error ------------------------------
 
-NAMES = {"newline": "bad\nname", "carriage return": "bad\rname", "escape sequence": "bad\x1b[31mname",
-         "tab": "bad\tname"}
+NAMES = {
+    "newline": "bad\nname",
+    "carriage return": "bad\rname",
+    "escape sequence": "bad\x1b[31mname",
+    "tab": "bad\tname",
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -597,16 +653,23 @@ def test_hostile_checkpoint_names(name, tmp_path, capsys):
 
 # ---- 9. writes: locks, killed runs, symlinks ---------------------------------------------------------------
 
-HOLDER = ("import sys, time; from convert import checkpoint\n"
-          "with checkpoint.run_lock(sys.argv[1]):\n"
-          "    print('locked', flush=True); sys.stdin.read()\n")
+HOLDER = (
+    "import sys, time; from convert import checkpoint\n"
+    "with checkpoint.run_lock(sys.argv[1]):\n"
+    "    print('locked', flush=True); sys.stdin.read()\n"
+)
 
 
 @pytest.fixture
 def holder(tmp_path):
     """Another process holding the run lock of tmp/out until the test ends."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "out")], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "out")],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "locked"
     yield proc
     proc.stdin.close()
@@ -615,14 +678,21 @@ def holder(tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "convert to a directory", "convert to a file"])
 def test_locked_destination(command, holder, ck, tmp_path, capsys):
-    argv = {"train": ["train", *TORCH, "--preset", "tiny", "--out", tmp_path / "out", "--quiet"],
-            "convert to a directory": ["convert", ck, tmp_path / "out"],
-            "convert to a file": ["convert", ck, tmp_path / "out"]}[command]
+    argv = {
+        "train": ["train", *TORCH, "--preset", "tiny", "--out", tmp_path / "out", "--quiet"],
+        "convert to a directory": ["convert", ck, tmp_path / "out"],
+        "convert to a file": ["convert", ck, tmp_path / "out"],
+    }[command]
     if command == "convert to a file":  # a file destination locks its own name
         holder.stdin.close()
         holder.wait(timeout=30)
-        other = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "w.safetensors")], cwd=ROOT,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        other = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path / "w.safetensors")],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert other.stdout.readline().strip() == "locked"
         try:
             _fails(["convert", ck, tmp_path / "w.safetensors"], capsys, tmp_path, f"(pid {other.pid})")
@@ -634,8 +704,24 @@ def test_locked_destination(command, holder, ck, tmp_path, capsys):
 
 
 def _train_cmd(out, samples):
-    return [sys.executable, "-m", "mla_mnist", "train", *TORCH, "--preset", "tiny", "--train-samples", str(samples),
-            "--batch-size", "4", "--val-samples", "8", "--quiet", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "mla_mnist",
+        "train",
+        *TORCH,
+        "--preset",
+        "tiny",
+        "--train-samples",
+        str(samples),
+        "--batch-size",
+        "4",
+        "--val-samples",
+        "8",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 def test_two_trainings_into_one_out(tmp_path, capsys):
@@ -645,8 +731,9 @@ def test_two_trainings_into_one_out(tmp_path, capsys):
     while the first still trains."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(_train_cmd(out, 400), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        _train_cmd(out, 400), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lock = checkpoint.lock_path(out)
     deadline = time.time() + 120
     while not lock.exists() and first.poll() is None and time.time() < deadline:
@@ -658,7 +745,8 @@ def test_two_trainings_into_one_out(tmp_path, capsys):
     assert first.returncode == 0, err1
     assert rc == 2 and err.splitlines() == [
         f"mla-mnist: error: {out} is being written by another process (pid {first.pid}): wait for it or choose "
-        "another --out"], err
+        "another --out"
+    ], err
     cfg, weights, _ = checkpoint.load(out)
     assert cfg == ModelConfig.preset("tiny") and weights
     assert not lock.exists() and not list(tmp_path.glob(".out.*"))
@@ -693,8 +781,12 @@ def test_killed_convert_leaves_nothing(dst, ck, tmp_path, capsys):
 def test_real_sigkill_during_convert(ck, tmp_path, capsys):
     """A convert killed with SIGKILL at a random moment: the next run leaves only its destination."""
     dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "mla_mnist", "convert", str(ck), str(dst)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mla_mnist", "convert", str(ck), str(dst)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60  # kill it as soon as it has started writing (or when it is done)
     while proc.poll() is None and time.time() < deadline and not list(tmp_path.glob(".out.*")):
         time.sleep(0.001)
@@ -717,8 +809,28 @@ def test_symlinked_out(ck, tmp_path, capsys):
 
 
 def test_diverged_run_claims_no_checkpoint(tmp_path, capsys):
-    line = _fails(["train", *TORCH, "--preset", "tiny", "--train-samples", "8", "--batch-size", "4", "--lr", "1e30",
-                   "--val-samples", "4", "--quiet", "--out", tmp_path / "out"], capsys, tmp_path, "diverged")
+    line = _fails(
+        [
+            "train",
+            *TORCH,
+            "--preset",
+            "tiny",
+            "--train-samples",
+            "8",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e30",
+            "--val-samples",
+            "4",
+            "--quiet",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+        tmp_path,
+        "diverged",
+    )
     assert "no checkpoint was saved" in line and "last" not in line
 
 
@@ -731,32 +843,51 @@ def test_internal_error_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(commands, "cmd_make_grid", broken)
     assert main(["make-grid", "g.png"]) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["mla-mnist: internal error (a bug, please report): ValueError: a\\nbug; "
-                     "rerun with --debug for the traceback"]
+    assert lines == [
+        "mla-mnist: internal error (a bug, please report): ValueError: a\\nbug; rerun with --debug for the traceback"
+    ]
 
 
 # ---- 10. peak memory: inputs of at most 10 MB stay under 1 GB ----------------------------------------------
 
+
 def _peak_rss_mb(argv, cwd) -> tuple[int, str, float]:
     report = Path(cwd) / "time.txt"
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), sys.executable, "-m", "mla_mnist", *argv],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", "-o", str(report), sys.executable, "-m", "mla_mnist", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     kb = int(report.read_text().split()[-1])
     report.unlink()
     return proc.returncode, proc.stderr, kb / 1024
 
 
 MEMORY_CASES = {
-    "safetensors shape wrapping int64": lambda t, ck: ["convert", _raw_safetensors(
-        t / "w.safetensors", _entry(shape=[2**32, 2**32], data_offsets=[0, 0]), body=b"\0" * (8 * MB)),
-        t / "o.npz", "--preset", "tiny"],
-    "safetensors header 2**63": lambda t, ck: ["convert", _raw_safetensors(t / "w.safetensors", b"{}",
-                                                                           length=2**63, body=b"\0" * (8 * MB)),
-                                               t / "o.npz", "--preset", "tiny"],
+    "safetensors shape wrapping int64": lambda t, ck: [
+        "convert",
+        _raw_safetensors(t / "w.safetensors", _entry(shape=[2**32, 2**32], data_offsets=[0, 0]), body=b"\0" * (8 * MB)),
+        t / "o.npz",
+        "--preset",
+        "tiny",
+    ],
+    "safetensors header 2**63": lambda t, ck: [
+        "convert",
+        _raw_safetensors(t / "w.safetensors", b"{}", length=2**63, body=b"\0" * (8 * MB)),
+        t / "o.npz",
+        "--preset",
+        "tiny",
+    ],
     "npz bomb": lambda t, ck: ["convert", _npz("zip bomb", ck, t / "w.npz"), t / "o.safetensors", "--preset", "tiny"],
     "gzip bomb": lambda t, ck: ["make-grid", t / "g.png", "--data-dir", _mnist_dir(t, labels=_bomb(), gz=True)],
-    "IDX dims 2**31 cubed": lambda t, ck: ["make-grid", t / "g.png", "--data-dir", _mnist_dir(
-        t, images=_idx(2051, [2**31, 2**31, 2**31], b"\0" * (8 * MB)))],
+    "IDX dims 2**31 cubed": lambda t, ck: [
+        "make-grid",
+        t / "g.png",
+        "--data-dir",
+        _mnist_dir(t, images=_idx(2051, [2**31, 2**31, 2**31], b"\0" * (8 * MB))),
+    ],
 }
 
 
@@ -773,6 +904,7 @@ def test_peak_memory(case, tiny_ck, tmp_path):
 
 # ---- 11. odd but legitimate inputs still work ------------------------------------------------------------
 
+
 def _legit_safetensors(tiny_ck, path, **kw):
     safetensors_np.write(path, _weights(tiny_ck), **kw)
     return path
@@ -782,10 +914,10 @@ def _padded_safetensors(tiny_ck, path):
     _legit_safetensors(tiny_ck, path)
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header["__metadata__"] = {"format": "pt", "note": "line one\nline two", "ünï": "✓"}
     head = json.dumps(header).encode() + b" " * 37
-    body = raw[8 + n:]
+    body = raw[8 + n :]
     path.write_bytes(struct.pack("<Q", len(head)) + head + body)
     return path
 
@@ -824,9 +956,19 @@ def _legit(kind, tiny_ck, tmp):
     return [ck, tmp / "out"]
 
 
-LEGIT = ["bf16 safetensors", "padded header with metadata", "unicode and spaces in names", "wrapped .pt",
-         "float64 .pt", "compressed .npz", "float16 .npz", "integer dropout and rope_base", "derived fields left null",
-         "another grid in config.json", "config.json with extra keys"]
+LEGIT = [
+    "bf16 safetensors",
+    "padded header with metadata",
+    "unicode and spaces in names",
+    "wrapped .pt",
+    "float64 .pt",
+    "compressed .npz",
+    "float16 .npz",
+    "integer dropout and rope_base",
+    "derived fields left null",
+    "another grid in config.json",
+    "config.json with extra keys",
+]
 
 
 @pytest.mark.parametrize("kind", LEGIT)

@@ -1,4 +1,5 @@
 """The MLX package on its own: names, caches, decoding paths, the compiled trainer, checkpoints."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,14 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx.utils import tree_flatten  # noqa: E402
 
+import mla_mlx  # noqa: E402
 from convert import ModelConfig, parameter_count, schema  # noqa: E402
 from convert.training import TrainConfig  # noqa: E402
-from mnist_grid.tokens import FINISH, PAD, START  # noqa: E402
-
-import mla_mlx  # noqa: E402
 from mla_mlx import checkpoint as ckpt  # noqa: E402
 from mla_mlx import train as mtrain  # noqa: E402
 from mla_mlx.attention import absorb  # noqa: E402
 from mla_mlx.generate import generate, step_logits  # noqa: E402
+from mnist_grid.tokens import FINISH, PAD, START  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _tokens(cfg, b, seed=0):
     out[:, 0] = START
     for row in range(b):
         k = int(rng.integers(1, cfg.grid * cfg.grid + 1))
-        out[row, 1:k + 1] = rng.integers(0, 10, k)
+        out[row, 1 : k + 1] = rng.integers(0, 10, k)
         out[row, k + 1] = FINISH
     return out
 
@@ -73,7 +73,7 @@ def test_init_statistics():
     model = ckpt.build(ModelConfig.preset("small"))
     for w in (model.token_embed.weight, model.cls_token):
         assert abs(float(w.std()) - 0.02) < 0.004
-    assert float(model.head.weight.abs().max()) <= 128 ** -0.5  # Linear: U(-1/sqrt(in), 1/sqrt(in))
+    assert float(model.head.weight.abs().max()) <= 128**-0.5  # Linear: U(-1/sqrt(in), 1/sqrt(in))
 
 
 @pytest.mark.parametrize("attention", ["mla", "mha", "gqa"])
@@ -104,7 +104,7 @@ def test_generate_structure_and_sampling():
     for row in a:  # after <finish> only <pad>
         hit = np.flatnonzero(row == FINISH)
         if hit.size:
-            assert (row[hit[0] + 1:] == PAD).all()
+            assert (row[hit[0] + 1 :] == PAD).all()
     with pytest.raises(ValueError):
         generate(model, images, max_length=1)
     with pytest.raises(ValueError):
@@ -211,6 +211,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     half = mla_mlx.load(tmp_path / "ck", dtype=mx.bfloat16)
     assert {v.dtype for _, v in tree_flatten(half.parameters())} == {mx.bfloat16}
     from convert.errors import UserError
+
     bad = dict(a)
     bad.pop("head.bias")
     with pytest.raises(UserError, match="head.bias"):

@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom in a fresh kernel, and is stored ready to commit (no outputs)."""
+
 import os
 import time
 from pathlib import Path
@@ -33,8 +34,7 @@ def test_notebook_runs(path, monkeypatch):
     # Test workers share the CPU: torch's intra-op threads would spin against each other.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
     print(f"\n{path.name}: {time.perf_counter() - start:.0f} s")

@@ -1,4 +1,5 @@
 """torch <-> MLX parity: same weights give the same numbers, training steps and generated tokens."""
+
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def _stream(split, grid):
     if not DATA.is_dir():
         pytest.skip(f"MNIST not found at {DATA} (set MLA_MNIST_DIR)")
     from mnist_grid.grid import GridStream
+
     return GridStream(split, grid, seed=0, data_dir=DATA)
 
 
@@ -110,8 +112,7 @@ def test_loss_and_gradients(attention, label_smoothing):
     tm.train(), mm.train()
     t_loss = ttrain.loss_fn(tm, torch.from_numpy(images), torch.from_numpy(tokens), label_smoothing)
     t_loss.backward()
-    m_loss, m_grads = nn.value_and_grad(mm, mtrain.loss_fn)(mm, mx.array(images), mx.array(tokens),
-                                                            label_smoothing)
+    m_loss, m_grads = nn.value_and_grad(mm, mtrain.loss_fn)(mm, mx.array(images), mx.array(tokens), label_smoothing)
     assert float(m_loss) == pytest.approx(t_loss.item(), rel=1e-5)
     m_grads = dict(tree_flatten(m_grads))
     t_grads = {k: p.grad.numpy() for k, p in tm.named_parameters()}

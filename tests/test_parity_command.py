@@ -1,4 +1,5 @@
 """`mla-mnist parity`, `info` and `--version` on tiny checkpoints (CPU, at most 8 grids)."""
+
 import json
 
 import numpy as np
@@ -14,8 +15,31 @@ SAMPLES = "8"
 
 
 def _train(out, framework):
-    assert main(["train", "--preset", "tiny", "--framework", framework, "--epochs", "1", "--train-samples", "320",
-                 "--batch-size", "32", "--val-samples", "16", "--quiet", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--framework",
+                framework,
+                "--epochs",
+                "1",
+                "--train-samples",
+                "320",
+                "--batch-size",
+                "32",
+                "--val-samples",
+                "16",
+                "--quiet",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -31,8 +55,18 @@ def _parity(capsys, *args):
 
 
 def test_passes_in_both_frameworks_with_json_and_plot(tiny_torch, tmp_path, capsys):
-    rc, out = _parity(capsys, tiny_torch, "--frameworks", "torch,mlx", "--dtype", "float32,bfloat16",
-                      "--json", tmp_path / "p.json", "--plot", tmp_path / "p.png")
+    rc, out = _parity(
+        capsys,
+        tiny_torch,
+        "--frameworks",
+        "torch,mlx",
+        "--dtype",
+        "float32,bfloat16",
+        "--json",
+        tmp_path / "p.json",
+        "--plot",
+        tmp_path / "p.png",
+    )
     assert rc == 0, out.out
     assert out.out.startswith("PASS: ")
     assert "patch_embed" in out.out and "decoder.1" in out.out and "bit-exact" in out.out
@@ -41,14 +75,25 @@ def test_passes_in_both_frameworks_with_json_and_plot(tiny_torch, tmp_path, caps
     assert r["schema"] == "mla-mnist.parity/1" and r["passed"] is True and r["first_failure"] is None
     assert isinstance(r["verdict"], str) and r["samples"] == 8 and r["dtypes"] == ["float32", "bfloat16"]
     assert r["modes"] == ["absorbed", "expanded", "uncached"]
-    assert r["boundaries"] == ["patch_embed", "encoder.0", "encoder.1", "encoder_out", "decoder.0", "decoder.1",
-                               "logits"]
+    assert r["boundaries"] == [
+        "patch_embed",
+        "encoder.0",
+        "encoder.1",
+        "encoder_out",
+        "decoder.0",
+        "decoder.1",
+        "logits",
+    ]
     assert {r["reference"]["framework"], r["candidate"]["framework"]} == {"torch", "mlx"}
     for t in r["tolerances"].values():
         assert set(t) == {"layer", "logits", "min_sequence_agreement"}
     pairs = {(a["pair"], a["dtype"]) for a in r["activations"]}
-    assert pairs == {("torch vs mlx", "float32"), ("torch vs mlx", "bfloat16"), ("torch bf16 vs f32", "bfloat16"),
-                     ("mlx bf16 vs f32", "bfloat16")}
+    assert pairs == {
+        ("torch vs mlx", "float32"),
+        ("torch vs mlx", "bfloat16"),
+        ("torch bf16 vs f32", "bfloat16"),
+        ("mlx bf16 vs f32", "bfloat16"),
+    }
     for a in r["activations"]:
         assert set(a) == {"pair", "dtype", "reference", "candidate", "ok", "first_over", "layers"}
         assert [x["boundary"] for x in a["layers"]] == r["boundaries"]
@@ -58,7 +103,12 @@ def test_passes_in_both_frameworks_with_json_and_plot(tiny_torch, tmp_path, caps
     fp32 = next(a for a in r["activations"] if a["dtype"] == "float32")
     assert max(x["max_rel"] for x in fp32["layers"]) < 1e-4
     assert {(g["mode"], g["cache"]) for g in r["greedy"]} == {
-        ("absorbed", "float"), ("expanded", "float"), ("uncached", "float"), ("absorbed", "int8"), ("expanded", "int8")}
+        ("absorbed", "float"),
+        ("expanded", "float"),
+        ("uncached", "float"),
+        ("absorbed", "int8"),
+        ("expanded", "int8"),
+    }
     for g in r["greedy"]:
         assert isinstance(g["token_agreement"], float) and isinstance(g["sequence_agreement"], float)
         assert isinstance(g["ok"], bool) and isinstance(g["disagreements"], list)
@@ -80,8 +130,19 @@ def test_a_perturbed_decoder_layer_fails_and_is_named(tiny_torch, tmp_path, caps
         weights = dict(f)
     weights["decoder.1.mlp.fc2.weight"] = weights["decoder.1.mlp.fc2.weight"] + np.float32(1e-3)
     np.savez(tmp_path / "x.npz", **weights)
-    rc, out = _parity(capsys, tiny_torch, tmp_path / "x.npz", "--preset", "tiny", "--dtype", "float32",
-                      "--modes", "absorbed", "--json", tmp_path / "p.json")
+    rc, out = _parity(
+        capsys,
+        tiny_torch,
+        tmp_path / "x.npz",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--modes",
+        "absorbed",
+        "--json",
+        tmp_path / "p.json",
+    )
     assert rc == 1, out.out
     first = out.out.splitlines()[0]
     assert first.startswith("FAIL: ") and "first over tolerance: decoder.1 (float32, torch vs mlx)" in first
@@ -89,7 +150,7 @@ def test_a_perturbed_decoder_layer_fails_and_is_named(tiny_torch, tmp_path, caps
     assert r["passed"] is False and r["first_failure"]["boundary"] == "decoder.1"
     assert r["first_failure"]["check"] == "activations"
     layers = r["activations"][0]["layers"]
-    assert all(x["ok"] for x in layers[:r["boundaries"].index("decoder.1")])  # clean up to the perturbed layer
+    assert all(x["ok"] for x in layers[: r["boundaries"].index("decoder.1")])  # clean up to the perturbed layer
 
 
 def test_an_8_bit_checkpoint_passes_against_its_dequantized_reference(tiny_torch, tmp_path, capsys):
@@ -104,14 +165,17 @@ def test_a_tolerance_of_zero_fails_with_exit_1(tiny_torch, capsys):
     assert rc == 1 and out.out.startswith("FAIL: ")
 
 
-@pytest.mark.parametrize("args", [
-    ["parity", "/nonexistent/ckpt"],
-    ["parity", "{ckpt}", "--dtype", "float64"],
-    ["parity", "{ckpt}", "--frameworks", "jax"],
-    ["parity", "{ckpt}", "--tolerance", "float32=lots"],
-    ["parity", "{ckpt}", "--modes", "sideways"],
-    ["info", "/nonexistent/ckpt"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["parity", "/nonexistent/ckpt"],
+        ["parity", "{ckpt}", "--dtype", "float64"],
+        ["parity", "{ckpt}", "--frameworks", "jax"],
+        ["parity", "{ckpt}", "--tolerance", "float32=lots"],
+        ["parity", "{ckpt}", "--modes", "sideways"],
+        ["info", "/nonexistent/ckpt"],
+    ],
+)
 def test_bad_input_exits_2(args, tiny_torch, capsys):
     assert main([a.format(ckpt=tiny_torch) for a in args]) == 2
     err = capsys.readouterr().err
@@ -174,20 +238,37 @@ def test_tolerance_overrides_and_the_first_failure_is_the_earliest_boundary():
     assert t["float16"].min_sequence_agreement == 0.5
 
     def layers(over):
-        return [{"boundary": b, "max_rel": 1.0 if b == over else 0.0, "tolerance": 0.1, "ok": b != over}
-                for b in ("patch_embed", "encoder.0", "decoder.0", "logits")]
-    report = {"boundaries": ["patch_embed", "encoder.0", "decoder.0", "logits"], "greedy": [], "round_trip": [],
-              "activations": [{"pair": "a", "dtype": "float32", "ok": False, "first_over": "decoder.0",
-                               "layers": layers("decoder.0")},
-                              {"pair": "b", "dtype": "bfloat16", "ok": False, "first_over": "encoder.0",
-                               "layers": layers("encoder.0")}]}
+        return [
+            {"boundary": b, "max_rel": 1.0 if b == over else 0.0, "tolerance": 0.1, "ok": b != over}
+            for b in ("patch_embed", "encoder.0", "decoder.0", "logits")
+        ]
+
+    report = {
+        "boundaries": ["patch_embed", "encoder.0", "decoder.0", "logits"],
+        "greedy": [],
+        "round_trip": [],
+        "activations": [
+            {"pair": "a", "dtype": "float32", "ok": False, "first_over": "decoder.0", "layers": layers("decoder.0")},
+            {"pair": "b", "dtype": "bfloat16", "ok": False, "first_over": "encoder.0", "layers": layers("encoder.0")},
+        ],
+    }
     f = _first_failure(report)
     assert (f["check"], f["boundary"], f["pair"], f["dtype"]) == ("activations", "encoder.0", "b", "bfloat16")
 
 
 def test_one_framework_compares_each_dtype_with_float32(tiny_torch, tmp_path, capsys):
-    rc, out = _parity(capsys, tiny_torch, "--frameworks", "torch", "--dtype", "float32,float16", "--modes", "absorbed",
-                      "--json", tmp_path / "p.json")
+    rc, out = _parity(
+        capsys,
+        tiny_torch,
+        "--frameworks",
+        "torch",
+        "--dtype",
+        "float32,float16",
+        "--modes",
+        "absorbed",
+        "--json",
+        tmp_path / "p.json",
+    )
     assert rc == 0, out.out
     r = json.loads((tmp_path / "p.json").read_text())
     assert [(a["pair"], a["dtype"]) for a in r["activations"]] == [("torch f16 vs f32", "float16")]

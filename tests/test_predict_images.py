@@ -1,4 +1,5 @@
 """predict on pictures that are not the model's own grids: warnings, --grid, hostile files, MNIST discovery."""
+
 import contextlib
 import io
 import json
@@ -92,8 +93,8 @@ def test_smaller_grid_goes_to_the_top_left_cells(g, tmp_path):
     label = _make_grid(tmp_path / "g.png", g, 5)
     x, warnings = read_grid_image(tmp_path / "g.png", 4, g)
     assert x.shape == (112, 112) and warnings == [] and label
-    np.testing.assert_array_equal(x[:g * 28, :g * 28], load_image(tmp_path / "g.png", g))  # cell (r, c) -> (r, c)
-    assert not x[g * 28:].any() and not x[:, g * 28:].any()
+    np.testing.assert_array_equal(x[: g * 28, : g * 28], load_image(tmp_path / "g.png", g))  # cell (r, c) -> (r, c)
+    assert not x[g * 28 :].any() and not x[:, g * 28 :].any()
 
 
 def test_shipped_model_reads_2x2_and_3x3_grids_with_grid_flag(tmp_path):
@@ -124,12 +125,18 @@ def test_grid_larger_than_the_models_is_refused(tmp_path):
 
 def _png(width, height):
     """A valid 1-bit greyscale PNG of width x height, all black: tiny on disk, huge once decoded."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     row = b"\x00" + bytes((width + 7) // 8)
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * height, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
@@ -189,22 +196,33 @@ def test_newline_in_a_missing_file_name_stays_one_line(tmp_path):
 
 # ---- finding MNIST the way the CLI does ---------------------------------------------------------------
 
+
 def test_mnist_candidates_follow_the_cli(monkeypatch, tmp_path):
     import conftest
 
     monkeypatch.setenv("MLA_MNIST_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("MLA_MNIST_TEST_FALLBACK", str(tmp_path / "shared"))
-    assert conftest.mnist_candidates() == [tmp_path / "env", tmp_path / "cache" / "mla-mnist" / "mnist",
-                                           tmp_path / "shared"]
+    assert conftest.mnist_candidates() == [
+        tmp_path / "env",
+        tmp_path / "cache" / "mla-mnist" / "mnist",
+        tmp_path / "shared",
+    ]
     assert conftest.mnist_dir() is None
 
 
 def test_missing_mnist_is_one_line_not_a_crashed_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDG_CACHE"))}
     env.update(MLA_MNIST_DIR="/nonexistent", HOME=str(tmp_path), MLA_MNIST_TEST_FALLBACK=str(tmp_path / "none"))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "tests/test_data.py"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "tests/test_data.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     text = (r.stdout + r.stderr).strip()
     assert r.returncode == 2, text
     lines = [ln for ln in text.splitlines() if ln.strip()]

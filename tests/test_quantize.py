@@ -1,5 +1,6 @@
 """Quantization: MLX's 8/4-bit affine group weights (saved, reloaded, run by MLX and, dequantized, by torch),
 the int8 latent cache in both frameworks, and `mla-mnist convert --quantize` end to end."""
+
 import json
 import sys
 
@@ -25,8 +26,20 @@ from mla_mlx.checkpoint import to_numpy as mlx_numpy  # noqa: E402
 
 # Every width a multiple of 64 (patch 8 -> 64 pixels), so that both group sizes quantize every layer but the
 # embedding, the head and kv_b_proj.
-QCFG = ModelConfig(grid=2, patch=8, d_model=64, enc_layers=1, dec_layers=1, heads=4, dropout=0.0,
-                   enc_q_rank=64, enc_kv_rank=32, dec_q_rank=64, dec_kv_rank=32, cross_kv_rank=32)
+QCFG = ModelConfig(
+    grid=2,
+    patch=8,
+    d_model=64,
+    enc_layers=1,
+    dec_layers=1,
+    heads=4,
+    dropout=0.0,
+    enc_q_rank=64,
+    enc_kv_rank=32,
+    dec_q_rank=64,
+    dec_kv_rank=32,
+    cross_kv_rank=32,
+)
 VARIANTS = [(bits, group) for bits in (8, 4) for group in (32, 64)]
 FRAMEWORKS = ("torch", "mlx")
 
@@ -86,8 +99,9 @@ def test_numpy_dequantize_equals_mlx(bits, group):
     w = mx.array(np.random.default_rng(bits + group).standard_normal((48, 256)).astype(np.float32))
     wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
     ref = np.array(mx.dequantize(wq, scales, biases, group_size=group, bits=bits))
-    ours = dequantize({"l.weight": np.array(wq), "l.scales": np.array(scales), "l.biases": np.array(biases)},
-                      bits, group)
+    ours = dequantize(
+        {"l.weight": np.array(wq), "l.scales": np.array(scales), "l.biases": np.array(biases)}, bits, group
+    )
     assert ours.keys() == {"l.weight"}
     np.testing.assert_allclose(ours["l.weight"], ref, rtol=0, atol=1e-6)
     assert np.abs(ref - np.array(w)).max() > 1e-3  # really quantized, not a copy
@@ -130,8 +144,9 @@ def test_int8_latent_cache_bytes(framework, dtype):
     generate = (mla_torch if framework == "torch" else mla_mlx).generate
     sizes = {}
     for quantized in (False, True):
-        out, dc = generate(model, backend.array(images), max_length=length, stop=False, return_cache=True,
-                           quantize_cache=quantized)
+        out, dc = generate(
+            model, backend.array(images), max_length=length, stop=False, return_cache=True, quantize_cache=quantized
+        )
         assert backend.numpy(out).shape == (batch, length)
         sizes[quantized] = dc.self_nbytes
     # Per position and layer: the latent as int8, one scale and the rotary key in the compute dtype.
@@ -166,8 +181,9 @@ def test_convert_quantize_then_eval_in_both_frameworks(tmp_path, capsys, tiny_ch
     grids = ["--samples", "64", "--batch-size", "64", "--json", "--device", "cpu"]
     ref = _eval_json(capsys, ["eval", str(tiny_checkpoint), "--framework", "torch", *grids])
     runs = {fw: _eval_json(capsys, ["eval", str(out), "--framework", fw, *grids]) for fw in FRAMEWORKS}
-    runs["cache"] = _eval_json(capsys, ["eval", str(tiny_checkpoint), "--framework", "torch", "--quantize-cache",
-                                        *grids])
+    runs["cache"] = _eval_json(
+        capsys, ["eval", str(tiny_checkpoint), "--framework", "torch", "--quantize-cache", *grids]
+    )
     assert runs["torch"]["quantization"] == runs["mlx"]["quantization"] == {"bits": 8, "group_size": 32}
     assert runs["cache"]["quantize_cache"] and not runs["torch"]["quantize_cache"]
     for m in runs.values():  # 8-bit weights or an int8 cache read (almost) every digit the float model reads

@@ -3,6 +3,7 @@
 The numpy renderer defines the dataset: without augmentation the device must reproduce it exactly, with
 the affine warp to 1e-5 per pixel (float rounding may differ off the CPU; on the CPU it is exact too).
 """
+
 import subprocess
 import sys
 

@@ -2,6 +2,7 @@
 
 Dropout is on, so the saved RNG state matters: a control run resumed without it must come out different.
 """
+
 import json
 import shutil
 
@@ -31,8 +32,20 @@ def _train(framework, tmp_path, *args):
         config.write_text(json.dumps({**ModelConfig.preset("tiny").to_dict(), "dropout": 0.1}))
     common = ["train", "--framework", framework, "--device", "cpu", "--val-samples", "8", "--quiet"]
     if "--resume" not in args:
-        common += ["--config", str(config), "--epochs", str(EPOCHS), "--batch-size", "8", "--train-samples",
-                   str(8 * STEPS_PER_EPOCH), "--lr", "3e-3", "--warmup", "2"]
+        common += [
+            "--config",
+            str(config),
+            "--epochs",
+            str(EPOCHS),
+            "--batch-size",
+            "8",
+            "--train-samples",
+            str(8 * STEPS_PER_EPOCH),
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "2",
+        ]
     assert main(common + list(args)) == 0
 
 

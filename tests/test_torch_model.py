@@ -1,17 +1,17 @@
 """The PyTorch model against its spec: causality, RoPE, parameter counts, checkpoints, learning."""
+
 import numpy as np
 import pytest
 import torch
 
+import mla_torch
 from convert import checkpoint
 from convert.config import ModelConfig
 from convert.errors import UserError
 from convert.schema import parameter_count, schema
-
-import mla_torch
+from convert.training import TrainConfig
 from mla_torch.attention import rope
 from mla_torch.train import Trainer, loss_fn
-from convert.training import TrainConfig
 from mnist_grid import GridStream
 
 
@@ -35,8 +35,15 @@ def test_seed_preset_has_the_original_parameter_count():
 
 def test_seed_derived_ranks_follow_the_original_rules():
     c = ModelConfig.preset("seed")
-    assert (c.head_dim, c.rope_dim, c.enc_kv_rank, c.enc_q_rank, c.dec_kv_rank, c.dec_q_rank, c.cross_kv_rank) \
-        == (8, 4, 64, 96, 42, 64, 32)
+    assert (c.head_dim, c.rope_dim, c.enc_kv_rank, c.enc_q_rank, c.dec_kv_rank, c.dec_q_rank, c.cross_kv_rank) == (
+        8,
+        4,
+        64,
+        96,
+        42,
+        64,
+        32,
+    )
     assert c.image_size == 280 and c.enc_tokens == 401 and c.max_tokens == 102
 
 
@@ -61,8 +68,9 @@ def test_rope_scores_depend_only_on_relative_position():
     assert float((rope(q, 5, 10000.0) * rope(k, 1, 10000.0)).sum()) != pytest.approx(s[0], abs=1e-3)
     # interleaved pairs: position 1 rotates (x0, x1) by angle 1 rad at the first frequency
     x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(rope(x, 1, 10000.0), torch.tensor([[np.cos(1.0), np.sin(1.0), 0.0, 0.0]],
-                                                                  dtype=torch.float32))
+    torch.testing.assert_close(
+        rope(x, 1, 10000.0), torch.tensor([[np.cos(1.0), np.sin(1.0), 0.0, 0.0]], dtype=torch.float32)
+    )
 
 
 def test_encoder_is_permutation_sensitive_through_rope():
@@ -81,6 +89,7 @@ def test_model_normalises_its_own_input():
     x = model.patch_embed.weight.new_full((1, 16, 196), -0.1307 / 0.3081)
     expected = model.patch_embed(x)
     from mla_torch.model import patchify
+
     torch.testing.assert_close(model.patch_embed(patchify((blank - 0.1307) / 0.3081, 14)), expected)
 
 
@@ -119,13 +128,14 @@ def test_one_fixed_batch_overfits():
 
 def test_generate_batched_pads_after_finish(tiny_checkpoint):
     from mnist_grid import FINISH, PAD, START
+
     model = mla_torch.load(tiny_checkpoint)
     x, _ = GridStream("test", 2, 0).fixed(64, seed=5)
     out = mla_torch.generate(model, torch.from_numpy(x))
     assert (out[:, 0] == START).all()
     for row in out.tolist():
         if FINISH in row:
-            assert all(t == PAD for t in row[row.index(FINISH) + 1:])
+            assert all(t == PAD for t in row[row.index(FINISH) + 1 :])
 
 
 def test_config_json_round_trip_and_errors():

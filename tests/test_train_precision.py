@@ -1,5 +1,6 @@
 """--bf16 trains in bfloat16 in both frameworks, on the CPU too: float32 master weights and Adam moments,
 a float32 loss close to the float32 run's, and a loss that goes down. Plus torch's compile option."""
+
 import numpy as np
 import pytest
 
@@ -24,8 +25,12 @@ def _torch(bf16, **kw):
     from mla_torch.train import Trainer
 
     trainer = Trainer(checkpoint.build(CFG), TC, "cpu", bf16=bf16, **kw)
-    return trainer, lambda: [p for _, p in trainer.model.named_parameters()], lambda: [
-        t for s in trainer.opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])], torch.float32
+    return (
+        trainer,
+        lambda: [p for _, p in trainer.model.named_parameters()],
+        lambda: [t for s in trainer.opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])],
+        torch.float32,
+    )
 
 
 def _mlx(bf16):
@@ -36,8 +41,12 @@ def _mlx(bf16):
     from mla_mlx.train import Trainer
 
     trainer = Trainer(checkpoint.build(CFG), TC, bf16=bf16)
-    return trainer, lambda: [p for _, p in tree_flatten(trainer.model.parameters())], lambda: [
-        v for k, v in tree_flatten(trainer.opt.state) if k.endswith((".m", ".v"))], mx.float32
+    return (
+        trainer,
+        lambda: [p for _, p in tree_flatten(trainer.model.parameters())],
+        lambda: [v for k, v in tree_flatten(trainer.opt.state) if k.endswith((".m", ".v"))],
+        mx.float32,
+    )
 
 
 @pytest.mark.parametrize("make", [_torch, _mlx], ids=["torch", "mlx"])
@@ -61,7 +70,8 @@ def test_torch_bf16_really_runs_in_bf16(batches):
     trainer, *_ = _torch(True)
     seen = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Linear) else None)
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Linear) else None
+    )
     try:
         trainer.step(*batches[0])
     finally:

@@ -1,4 +1,5 @@
 """The benchmark's outputs: a Markdown report on stdout, the JSON of every number, a plot."""
+
 from __future__ import annotations
 
 import json
@@ -17,56 +18,91 @@ def _num(value, digits=1):
 
 def format_report(result) -> str:
     m = result["machine"]
-    lines = [f"model: {result['model']} ({result['dtype']}), batch {result['batch_size']}, "
-             f"median of {result['repeats']} (modes interleaved), forced lengths {result['lengths']}",
-             f"machine: {m.get('cpu', m['processor'])}, {m.get('cpus', '?')} CPUs, 1-min load average "
-             f"{m['load_average_before']} before, {m.get('load_average_after')} after", "",
-             "| framework | mode | attention | length | samples/s | tokens/s | encoder ms | decode ms/token "
-             "| cache bytes | peak memory MiB |", "|" + "---|" * 10]
+    lines = [
+        f"model: {result['model']} ({result['dtype']}), batch {result['batch_size']}, "
+        f"median of {result['repeats']} (modes interleaved), forced lengths {result['lengths']}",
+        f"machine: {m.get('cpu', m['processor'])}, {m.get('cpus', '?')} CPUs, 1-min load average "
+        f"{m['load_average_before']} before, {m.get('load_average_after')} after",
+        "",
+        "| framework | mode | attention | length | samples/s | tokens/s | encoder ms | decode ms/token "
+        "| cache bytes | peak memory MiB |",
+        "|" + "---|" * 10,
+    ]
     for r in result["rows"]:
-        mem = f"{r['peak_memory_bytes'] / 2 ** 20:.1f}"
+        mem = f"{r['peak_memory_bytes'] / 2**20:.1f}"
         if r.get("peak_memory_above_start_bytes") is not None:
-            mem += f" (+{r['peak_memory_above_start_bytes'] / 2 ** 20:.1f})"
-        lines.append(f"| {r['framework']} | {r['mode']} | {r['attention']} | {r['length']} | "
-                     f"{_num(r['samples_per_s'], 2)} | {_num(r['tokens_per_s'])} | {_num(r['encoder_ms'])} | "
-                     f"{_num(r['decode_ms_per_token'], 2)} | {_num(r['cache_bytes'], 0)} | {mem} |")
-    lines += ["", "| framework | attention | length | cached mode | cached / uncached samples/s |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {s['framework']} | {s['attention']} | {s['length']} | {s['mode']} | {s['cached_over_uncached']:.2f}x |"
-              for s in result["speedups"]]
+            mem += f" (+{r['peak_memory_above_start_bytes'] / 2**20:.1f})"
+        lines.append(
+            f"| {r['framework']} | {r['mode']} | {r['attention']} | {r['length']} | "
+            f"{_num(r['samples_per_s'], 2)} | {_num(r['tokens_per_s'])} | {_num(r['encoder_ms'])} | "
+            f"{_num(r['decode_ms_per_token'], 2)} | {_num(r['cache_bytes'], 0)} | {mem} |"
+        )
+    lines += [
+        "",
+        "| framework | attention | length | cached mode | cached / uncached samples/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['framework']} | {s['attention']} | {s['length']} | {s['mode']} | {s['cached_over_uncached']:.2f}x |"
+        for s in result["speedups"]
+    ]
     attentions = list(next(iter(result["frameworks"].values()))["encoder"])
-    lines += ["", "| framework | device | fp32 matmul GFLOP/s | "
-              + " | ".join(f"encoder ({a}) GFLOP/s | fraction" for a in attentions) + " | training samples/s |",
-              "|" + "---|" * (4 + 2 * len(attentions))]
+    lines += [
+        "",
+        "| framework | device | fp32 matmul GFLOP/s | "
+        + " | ".join(f"encoder ({a}) GFLOP/s | fraction" for a in attentions)
+        + " | training samples/s |",
+        "|" + "---|" * (4 + 2 * len(attentions)),
+    ]
     for name, info in result["frameworks"].items():
         e = info["encoder"]
         device = info["device"] + (f" ({info['device_name']})" if info.get("device_name") else "")
         encoders = " | ".join(f"{e[a]['gflops']:.1f} | {e[a]['fraction_of_matmul']:.0%}" for a in attentions)
-        lines.append(f"| {name} | {device} | {info['matmul_gflops']:.1f} | {encoders} | "
-                     f"{_num(info.get('train_samples_per_s'), 2)}"
-                     + (f" (batch {info['train_batch_size']}, {info['train_dtype']}, peak "
-                        f"{info['train_peak_memory_bytes'] / 2 ** 30:.2f} GiB)" if "train_batch_size" in info else "")
-                     + " |")
+        lines.append(
+            f"| {name} | {device} | {info['matmul_gflops']:.1f} | {encoders} | "
+            f"{_num(info.get('train_samples_per_s'), 2)}"
+            + (
+                f" (batch {info['train_batch_size']}, {info['train_dtype']}, peak "
+                f"{info['train_peak_memory_bytes'] / 2**30:.2f} GiB)"
+                if "train_batch_size" in info
+                else ""
+            )
+            + " |"
+        )
     if result.get("render"):
         lines += ["", "| training grids composed by | batch | augmentation | grids/s |", "|---|---|---|---|"]
-        lines += [f"| {r['renderer']} | {r['batch']} | {r['augment']} | {r['grids_per_s']:,.0f} |"
-                  for r in result["render"]]
+        lines += [
+            f"| {r['renderer']} | {r['batch']} | {r['augment']} | {r['grids_per_s']:,.0f} |" for r in result["render"]
+        ]
     if result.get("weight_variants"):
         lines += ["", "| weights | file bytes | stored weight bytes |", "|---|---|---|"]
-        lines += [f"| {w['variant']} | {w['file_bytes']:,} | {w['weight_bytes']:,} |" if "file_bytes" in w
-                  else f"| {w['variant']} | - | - ({w['skipped']}) |" for w in result["weight_variants"]]
+        lines += [
+            f"| {w['variant']} | {w['file_bytes']:,} | {w['weight_bytes']:,} |"
+            if "file_bytes" in w
+            else f"| {w['variant']} | - | - ({w['skipped']}) |"
+            for w in result["weight_variants"]
+        ]
     if result.get("cache_variants"):
         fp16 = next(c["bytes"] for c in result["cache_variants"] if c["cache"] == "MLA latent, float16")
         mha = next(c["bytes"] for c in result["cache_variants"] if c["cache"] == "MHA K/V, float32")
-        lines += ["", f"| self-attention cache, {max(result['lengths'])} positions | bytes | per position per layer "
-                  "| / MLA float16 | / MHA float32 |", "|---|---|---|---|---|"]
-        lines += [f"| {c['cache']} | {c['bytes']:,} | {c['bytes_per_position_per_layer']} | "
-                  f"{c['bytes'] / fp16:.2f} | {c['bytes'] / mha:.3f} |" for c in result["cache_variants"]]
+        lines += [
+            "",
+            f"| self-attention cache, {max(result['lengths'])} positions | bytes | per position per layer "
+            "| / MLA float16 | / MHA float32 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['cache']} | {c['bytes']:,} | {c['bytes_per_position_per_layer']} | "
+            f"{c['bytes'] / fp16:.2f} | {c['bytes'] / mha:.3f} |"
+            for c in result["cache_variants"]
+        ]
     for name, info in result["frameworks"].items():
         if "cross_attention_us" in info:
             c = info["cross_attention_us"]
-            lines.append(f"{name}: one MLA cross-attention decoding step (layer 0): latent (absorbed) "
-                         f"{c['latent']:.0f} us, K/V expanded once {c['expanded']:.0f} us")
+            lines.append(
+                f"{name}: one MLA cross-attention decoding step (layer 0): latent (absorbed) "
+                f"{c['latent']:.0f} us, K/V expanded once {c['expanded']:.0f} us"
+            )
     methods = sorted({r["peak_memory_method"] for r in result["rows"]})
     lines += ["", "peak memory: " + "; ".join(methods) + "; (+x): growth during the run"]
     return "\n".join(lines)
@@ -99,18 +135,41 @@ def plot(result, path: Path):
         modes = dict.fromkeys(r["mode"] for r in result["rows"] if (r["framework"], r["attention"]) == key)
         for mode in modes:
             rows = [r for r in result["rows"] if (r["framework"], r["attention"], r["mode"]) == (*key, mode)]
-            speed.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], styles[mode], marker="o",
-                       color=colours[key], label=f"{key[0]} {key[1]} {mode}")
+            speed.plot(
+                [r["length"] for r in rows],
+                [r["tokens_per_s"] for r in rows],
+                styles[mode],
+                marker="o",
+                color=colours[key],
+                label=f"{key[0]} {key[1]} {mode}",
+            )
         if key[0] == first_framework:  # the same bytes in every framework
-            rows = [r for r in result["rows"] if (r["framework"], r["attention"], r["mode"]) == (*key, next(iter(modes)))]
-            mem.plot([r["length"] for r in rows], [r["self_cache_bytes"] / 2 ** 10 for r in rows], marker="o",
-                     color=colours[key], label=f"{key[1]} self-attention cache")
-            mem.axhline(rows[0]["cross_cache_bytes"] / 2 ** 10, ls=":", color=colours[key],
-                        label=f"{key[1]} cross-attention memory")
-    devices = ", ".join(f"{name} on {info['device']}" + (f" ({info['device_name']})" if info.get("device_name") else "")
-                        for name, info in result["frameworks"].items())
-    speed.set(xlabel="generated length (tokens)", ylabel="tokens/s", yscale="log",
-              title=f"generation, batch {result['batch_size']}, {result['dtype']}")
+            rows = [
+                r for r in result["rows"] if (r["framework"], r["attention"], r["mode"]) == (*key, next(iter(modes)))
+            ]
+            mem.plot(
+                [r["length"] for r in rows],
+                [r["self_cache_bytes"] / 2**10 for r in rows],
+                marker="o",
+                color=colours[key],
+                label=f"{key[1]} self-attention cache",
+            )
+            mem.axhline(
+                rows[0]["cross_cache_bytes"] / 2**10,
+                ls=":",
+                color=colours[key],
+                label=f"{key[1]} cross-attention memory",
+            )
+    devices = ", ".join(
+        f"{name} on {info['device']}" + (f" ({info['device_name']})" if info.get("device_name") else "")
+        for name, info in result["frameworks"].items()
+    )
+    speed.set(
+        xlabel="generated length (tokens)",
+        ylabel="tokens/s",
+        yscale="log",
+        title=f"generation, batch {result['batch_size']}, {result['dtype']}",
+    )
     mem.set(xlabel="generated length (tokens)", ylabel="KiB", yscale="log", title="decoding cache size")
     for ax in (speed, mem):
         ax.grid(alpha=0.3)

@@ -2,6 +2,7 @@
 the same work; each number is the median of --repeats timed runs, after one warm-up run per framework, attention
 and mode, the runs taking turns so that a slow spell of a shared machine falls on all of them alike. The
 machine's own fp32 matmul rate is sampled through the run, so the encoder's FLOP/s reads as a share of it."""
+
 from __future__ import annotations
 
 import statistics
@@ -35,8 +36,12 @@ def generation_rows(players, length, repeats, warm_up):
 
     def once(backend, model, images, mode):
         enc, enc_seconds = timed(backend, lambda: backend.encode(model, images))
-        (_, cache), decode_seconds = timed(backend, lambda: backend.generate(
-            model, None, encoded=enc, max_length=length, mode=mode, stop=False, return_cache=True))
+        (_, cache), decode_seconds = timed(
+            backend,
+            lambda: backend.generate(
+                model, None, encoded=enc, max_length=length, mode=mode, stop=False, return_cache=True
+            ),
+        )
         return cache, enc_seconds + decode_seconds, enc_seconds
 
     runs, memory = [[] for _ in players], [None] * len(players)
@@ -46,13 +51,20 @@ def generation_rows(players, length, repeats, warm_up):
         for i, player in enumerate(players):
             runs[i].append(once(*player))
     for i, player in enumerate(players):  # the last round also reads the peak memory
-        run, memory[i] = peak_memory(player[0], lambda: once(*player))
+        run, memory[i] = peak_memory(player[0], lambda player=player: once(*player))
         runs[i].append(run)
     out = []
     for timed_runs, mem in zip(runs, memory):
         totals, encs = [t for _, t, _ in timed_runs], [e for _, _, e in timed_runs]
-        out.append((statistics.median(totals), statistics.median(encs),
-                    statistics.median(t - e for t, e in zip(totals, encs)), timed_runs[-1][0], mem))
+        out.append(
+            (
+                statistics.median(totals),
+                statistics.median(encs),
+                statistics.median(t - e for t, e in zip(totals, encs)),
+                timed_runs[-1][0],
+                mem,
+            )
+        )
     return out
 
 
@@ -68,7 +80,7 @@ def cross_attention_us(backend, model, batch, calls=200):
             memory = layer.memory(enc, absorbed)
             times = []
             for i in range(calls + 10):  # ten warm-up calls
-                _, seconds = timed(backend, lambda: layer(x, memory))
+                _, seconds = timed(backend, lambda memory=memory: layer(x, memory))
                 if i >= 10:
                     times.append(seconds)
             out[name] = 1e6 * statistics.median(times)
@@ -76,8 +88,12 @@ def cross_attention_us(backend, model, batch, calls=200):
 
 
 # ---- weight and cache variants (quantization) -----------------------------------------------------------
-WEIGHT_VARIANTS = (("float32", None, None), ("float16", None, None), ("8-bit, groups of 64", 8, 64),
-                   ("4-bit, groups of 32", 4, 32))
+WEIGHT_VARIANTS = (
+    ("float32", None, None),
+    ("float16", None, None),
+    ("8-bit, groups of 64", 8, 64),
+    ("4-bit, groups of 32", 4, 32),
+)
 
 
 def weight_variants(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> list[dict]:
@@ -96,8 +112,13 @@ def weight_variants(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> list[di
                 variant_cfg = cfg.replace(quantization={"bits": bits, "group_size": group})
             path = checkpoint.save(Path(tmp) / name.split(",")[0], variant_cfg, out, dtype=dtype)
             stored, _, _ = safetensors_np.read(path / checkpoint.WEIGHTS, upcast_bf16=False)
-            rows.append({"variant": name, "file_bytes": (path / checkpoint.WEIGHTS).stat().st_size,
-                         "weight_bytes": sum(a.nbytes for a in stored.values())})
+            rows.append(
+                {
+                    "variant": name,
+                    "file_bytes": (path / checkpoint.WEIGHTS).stat().st_size,
+                    "weight_bytes": sum(a.nbytes for a in stored.values()),
+                }
+            )
     return rows
 
 
@@ -106,15 +127,23 @@ def cache_variants(backend, cfg: ModelConfig, batch: int, length: int) -> list[d
     variant's cache in float32, MLA's latent in float16 too, and the int8 latent (per-token scale, k_pe in the
     model dtype)."""
     kinds = [(f"{a.upper()} {'latent' if a == 'mla' else 'K/V'}, float32", a, "float32", False) for a in ATTENTION]
-    kinds += [("MLA latent, float16", "mla", "float16", False),
-              ("MLA int8 latent, float32 model", "mla", "float32", True),
-              ("MLA int8 latent, float16 model", "mla", "float16", True)]
+    kinds += [
+        ("MLA latent, float16", "mla", "float16", False),
+        ("MLA int8 latent, float32 model", "mla", "float32", True),
+        ("MLA int8 latent, float16 model", "mla", "float16", True),
+    ]
     rows = []
     for name, attention, dtype, quantized in kinds:
         model = backend.cast(backend.build(cfg.replace(attention=attention, kv_heads=None), seed=0), dtype)
         cache = model.new_cache(batch, length, [], quantized=quantized)
-        rows.append({"cache": name, "attention": attention, "bytes": cache.self_nbytes,
-                     "bytes_per_position_per_layer": cache.self_nbytes // (batch * length * cfg.dec_layers)})
+        rows.append(
+            {
+                "cache": name,
+                "attention": attention,
+                "bytes": cache.self_nbytes,
+                "bytes_per_position_per_layer": cache.self_nbytes // (batch * length * cfg.dec_layers),
+            }
+        )
     return rows
 
 
@@ -136,14 +165,15 @@ def training_samples_per_s(backends, cfg, batch, steps, rounds=3, bf16=False):
     images, tokens = synthetic_batch(cfg, batch)
     trainers = []
     for backend in backends:
-        trainer = backend.trainer(backend.build(cfg, seed=0),
-                                  TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2), bf16=bf16)
+        trainer = backend.trainer(
+            backend.build(cfg, seed=0), TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2), bf16=bf16
+        )
         for _ in range(2):  # warm-up (MLX compiles its step on the first call)
             float(trainer.step(images, tokens)[0])
         trainers.append(trainer)
     rates, memory = [[] for _ in backends], []
     for backend, trainer in zip(backends, trainers):  # one more step each, for its peak memory
-        memory.append(peak_memory(backend, lambda: float(trainer.step(images, tokens)[0]))[1])
+        memory.append(peak_memory(backend, lambda trainer=trainer: float(trainer.step(images, tokens)[0]))[1])
     for _ in range(rounds):
         for trainer, rate in zip(trainers, rates):
             start = time.perf_counter()
@@ -166,7 +196,7 @@ def render_grids_per_s(backends, cfg, batch: int, data_dir=None, rounds: int = 3
         renderer = backend.grid_renderer(stream.images)
         makers.append((f"{backend.name} ({backend.device})", backend, renderer.render))
     rates = {name: [] for name, _, _ in makers}
-    for name, backend, make in makers:  # warm-up: kernels, allocations
+    for _, backend, make in makers:  # warm-up: kernels, allocations
         out = make(draws[0])
         if backend is not None:
             backend.synchronize(out)
@@ -178,8 +208,10 @@ def render_grids_per_s(backends, cfg, batch: int, data_dir=None, rounds: int = 3
                 if backend is not None:
                     backend.synchronize(out)
             rates[name].append(len(draws) * batch / (time.perf_counter() - start))
-    return [{"renderer": name, "batch": batch, "augment": "affine", "grids_per_s": statistics.median(r)}
-            for name, r in rates.items()]
+    return [
+        {"renderer": name, "batch": batch, "augment": "affine", "grids_per_s": statistics.median(r)}
+        for name, r in rates.items()
+    ]
 
 
 def _model(backend, cfg, attention, ckpt, dtype):
@@ -195,8 +227,10 @@ def parse_list(text, flag, parse, allowed=None):
     except ValueError:
         items = []
     if not items or (allowed and set(items) - set(allowed)):
-        raise UserError(f"{flag} {text!r}: give a comma-separated list"
-                        + (f" of {', '.join(allowed)}" if allowed else " of integers >= 2"))
+        raise UserError(
+            f"{flag} {text!r}: give a comma-separated list"
+            + (f" of {', '.join(allowed)}" if allowed else " of integers >= 2")
+        )
     return items
 
 
@@ -226,9 +260,16 @@ def speedups(rows):
     for framework, attention, length, mode in by:
         if mode != "uncached":
             best.setdefault((framework, attention, length), mode)  # rows come in each model's decode_modes order
-    return [{"framework": fw, "attention": a, "length": n, "mode": mode,
-             "cached_over_uncached": by[(fw, a, n, mode)] / by[(fw, a, n, "uncached")]}
-            for (fw, a, n), mode in best.items()]
+    return [
+        {
+            "framework": fw,
+            "attention": a,
+            "length": n,
+            "mode": mode,
+            "cached_over_uncached": by[(fw, a, n, mode)] / by[(fw, a, n, "uncached")],
+        }
+        for (fw, a, n), mode in best.items()
+    ]
 
 
 def _backends(args):
@@ -259,8 +300,17 @@ def run(args):
         cfg, source = ModelConfig.preset(args.preset), f"random weights of preset {args.preset}"
     batch = args.batch_size
     images = np.random.default_rng(0).random((batch, cfg.image_size, cfg.image_size), dtype=np.float32)
-    result = {"machine": machine(), "model": source, "config": cfg.to_dict(), "batch_size": batch,
-              "dtype": args.dtype, "lengths": lengths, "repeats": args.repeats, "frameworks": {}, "rows": []}
+    result = {
+        "machine": machine(),
+        "model": source,
+        "config": cfg.to_dict(),
+        "batch_size": batch,
+        "dtype": args.dtype,
+        "lengths": lengths,
+        "repeats": args.repeats,
+        "frameworks": {},
+        "rows": [],
+    }
     # The matmul rate of each framework is sampled before and between the lengths and its median kept: the
     # encoder's share of it then compares two medians over the same stretch of time.
     matmul, enc_ms = {}, {}
@@ -272,22 +322,32 @@ def run(args):
         progress.note(f"{backend.name} on {info['device']}: fp32 matmul {matmul[backend.name][0]:.1f} GFLOP/s")
     for attention in ATTENTION:
         built = [(backend, *_model(backend, cfg, attention, args.checkpoint, args.dtype)) for backend in backends]
-        players = [(backend, model, backend.array(images), mode)
-                   for backend, model, _ in built for mode in model.decode_modes]
+        players = [
+            (backend, model, backend.array(images), mode) for backend, model, _ in built for mode in model.decode_modes
+        ]
         weights_of = {backend.name: weights for backend, _, weights in built}
         for length in lengths:  # one warm-up per player (at the first length) readies every kernel
             rows = generation_rows(players, length, args.repeats, warm_up=length == lengths[0])
             for (backend, _, _, mode), (total, enc, decode, cache, memory) in zip(players, rows):
                 name = backend.name
                 enc_ms.setdefault((name, attention), []).append(1e3 * enc)
-                result["rows"].append({
-                    "framework": name, "mode": mode, "attention": attention, "weights": weights_of[name],
-                    "length": length, "samples_per_s": batch / total, "tokens_per_s": batch * (length - 1) / total,
-                    "encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * decode / (length - 1),
-                    "cache_bytes": cache.nbytes if cache is not None else None,
-                    "self_cache_bytes": cache.self_nbytes if cache is not None else None,
-                    "cross_cache_bytes": cache.cross_nbytes if cache is not None else None,
-                    **memory})
+                result["rows"].append(
+                    {
+                        "framework": name,
+                        "mode": mode,
+                        "attention": attention,
+                        "weights": weights_of[name],
+                        "length": length,
+                        "samples_per_s": batch / total,
+                        "tokens_per_s": batch * (length - 1) / total,
+                        "encoder_ms": 1e3 * enc,
+                        "decode_ms_per_token": 1e3 * decode / (length - 1),
+                        "cache_bytes": cache.nbytes if cache is not None else None,
+                        "self_cache_bytes": cache.self_nbytes if cache is not None else None,
+                        "cross_cache_bytes": cache.cross_nbytes if cache is not None else None,
+                        **memory,
+                    }
+                )
                 progress.row(f"{name} {mode} {attention} length {length}: {batch / total:.2f} samples/s")
             for backend in backends:
                 matmul[backend.name].append(backend.matmul_gflops(3))
@@ -296,22 +356,31 @@ def run(args):
             info, ms = result["frameworks"][backend.name], statistics.median(enc_ms[(backend.name, attention)])
             if "absorbed" in model.decode_modes:
                 info["cross_attention_us"] = cross_attention_us(backend, model, batch)
-            info["encoder"][attention] = {"gflop_per_batch": flops / 1e9, "median_ms": ms,
-                                          "gflops": flops / (ms / 1e3) / 1e9}
+            info["encoder"][attention] = {
+                "gflop_per_batch": flops / 1e9,
+                "median_ms": ms,
+                "gflops": flops / (ms / 1e3) / 1e9,
+            }
     for backend in backends:
         info = result["frameworks"][backend.name]
-        info["matmul_gflops"], info["matmul_gflops_samples"] = statistics.median(matmul[backend.name]), \
-            matmul[backend.name]
+        info["matmul_gflops"], info["matmul_gflops_samples"] = (
+            statistics.median(matmul[backend.name]),
+            matmul[backend.name],
+        )
         for e in info["encoder"].values():
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
     if args.train_steps:
         train_batch = args.train_batch_size or batch
         bf16 = args.train_dtype == "bfloat16"
-        for backend, (rate, memory) in zip(backends, training_samples_per_s(backends, cfg, train_batch,
-                                                                            args.train_steps, bf16=bf16)):
+        for backend, (rate, memory) in zip(
+            backends, training_samples_per_s(backends, cfg, train_batch, args.train_steps, bf16=bf16)
+        ):
             info = result["frameworks"][backend.name]
-            info["train_samples_per_s"], info["train_steps"], info["train_batch_size"] = \
-                rate, args.train_steps, train_batch
+            info["train_samples_per_s"], info["train_steps"], info["train_batch_size"] = (
+                rate,
+                args.train_steps,
+                train_batch,
+            )
             info["train_dtype"], info["train_peak_memory_bytes"] = args.train_dtype, memory["peak_memory_bytes"]
             progress.note(f"{backend.name} training: {rate:.2f} samples/s")
     if args.render_batch:
@@ -326,8 +395,14 @@ def run(args):
     result["cache_variants"] = cache_variants(backends[0], cfg, batch, max(lengths))
     order = list(result["frameworks"])  # the report reads mode by mode; the runs went length by length
     modes = ("absorbed", "expanded", "uncached")
-    result["rows"].sort(key=lambda r: (order.index(r["framework"]), list(ATTENTION).index(r["attention"]),
-                                       modes.index(r["mode"]), r["length"]))
+    result["rows"].sort(
+        key=lambda r: (
+            order.index(r["framework"]),
+            list(ATTENTION).index(r["attention"]),
+            modes.index(r["mode"]),
+            r["length"],
+        )
+    )
     result["speedups"] = speedups(result["rows"])
     result["machine"]["load_average_after"] = load_average()
     progress.close()

@@ -1,5 +1,6 @@
 """Clocks and memory for the benchmarks: medians of interleaved runs, process RSS where a framework keeps no
 allocation count, and the machine's own description."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,11 @@ def rss_peak(fn):
         out = fn()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "process all-time peak RSS (getrusage ru_maxrss; interpreter and libraries included)"
-    return out, {"peak_memory_bytes": 1024 * peak, "peak_memory_above_start_bytes": 1024 * (peak - before),
-                 "peak_memory_method": method}
+    return out, {
+        "peak_memory_bytes": 1024 * peak,
+        "peak_memory_above_start_bytes": 1024 * (peak - before),
+        "peak_memory_method": method,
+    }
 
 
 def peak_memory(backend, fn):
@@ -47,8 +51,12 @@ def peak_memory(backend, fn):
 
 
 def machine() -> dict:
-    out = {"platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
-           "load_average_before": load_average()}
+    out = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor(),
+        "load_average_before": load_average(),
+    }
     try:
         text = Path("/proc/cpuinfo").read_text()
         out["cpu"] = re.search(r"model name\s*:\s*(.*)", text).group(1)
