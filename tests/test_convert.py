@@ -284,7 +284,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     checkpoint.save(tmp_path / "ckpt", TINY, _random_weights(TINY))
-    assert "not a checkpoint" in _one_line_error(capsys, ["convert", str(tmp_path / "ckpt"), str(keep)])
+    assert "not a checkpoint" in _one_line_error(capsys, ["convert", str(tmp_path / "ckpt"), str(keep), "--force"])
     assert (keep / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="checkpoint directory"):  # quantized weights need their config
         convert(tmp_path / "ckpt", tmp_path / "q.npz", quantize=4, group_size=64)

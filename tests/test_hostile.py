@@ -773,7 +773,7 @@ def test_killed_convert_leaves_nothing(dst, ck, tmp_path, capsys):
     else:
         (tmp_path / f".{dst}.tmp-{pid}").write_bytes(b"half a file")
         (tmp_path / f".{dst}.tmp-{live}").write_bytes(b"someone else's")
-    _works(["convert", ck, target], capsys)
+    _works(["convert", ck, target, "--force"], capsys)
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
     assert left == sorted([f".{dst}.tmp-{live}"] + ([f".out1.tmp-{pid}"] if dst.startswith("out") else [])), left
 
@@ -803,7 +803,7 @@ def test_symlinked_out(ck, tmp_path, capsys):
     link = tmp_path / "link"
     link.symlink_to(real)
     (tmp_path / f".link.old-{_dead_pid()}").symlink_to(real)  # what an older version left behind
-    _works(["convert", ck, link, "--dtype", "float16"], capsys)
+    _works(["convert", ck, link, "--dtype", "float16", "--force"], capsys)
     assert link.is_symlink() and checkpoint.load(link)[2]["dtype"] == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "link", "real"]
 
