@@ -8,7 +8,6 @@ atomically. --quantize writes a checkpoint directory in MLX's affine group forma
 
 from __future__ import annotations
 
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from . import checkpoint, original, safetensors_np
 from .checkpoint import FLOAT_DTYPES
 from .config import ModelConfig
 from .errors import UserError, quote
+from .files import atomic_write
 from .quantize import GROUP_SIZES, quantizable
 from .schema import parameter_count
 
@@ -246,25 +246,6 @@ def read(src, config: ModelConfig | None = None, grid: int | None = None) -> Sou
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write):
-    """write(tmp_path) into a temporary sibling, fsync, then rename over `path`: never a half-written file."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale(path.parent, path.name, "tmp")  # left by a killed convert
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        checkpoint._fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {quote(path)}: {e.strerror or e} -- choose a writable destination") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     """numpy has no bfloat16: bf16 values come back rounded (to nearest even) and held in float32."""
     if arr.dtype.kind != "f":  # packed quantized weights stay as they are
@@ -281,7 +262,7 @@ def _write_npz(path, weights, dtype):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(f, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return ".npz weights, " + (
         "bfloat16 values stored as float32: numpy has no bfloat16" if dtype == "bfloat16" else dtype
     )
@@ -297,12 +278,12 @@ def _write_torch(path, weights, dtype):
         with open(tmp, "wb") as f:
             torch.save(tensors, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return f"torch state_dict, {dtype}"
 
 
 def _write_safetensors(path, weights, dtype):
-    _atomic_write(path, lambda tmp: safetensors_np.write(tmp, weights, dtype=dtype, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: safetensors_np.write(tmp, weights, dtype=dtype, metadata={"format": "pt"}))
     return f"safetensors weights, {dtype}"
 
 

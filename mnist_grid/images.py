@@ -44,9 +44,7 @@ Pillow's own decompression-bomb limit is set to it); NaN or infinite pixels (flo
 File names are quoted with repr() so a newline in one cannot split the one-line error.
 """
 
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -55,6 +53,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from convert.config import CELL
 from convert.errors import UserError
+from convert.files import atomic_write as _atomic_write
 
 DIGIT = 20  # MNIST's digit box inside a cell
 MIN_SIDE = 8
@@ -342,23 +341,8 @@ def readout_warnings(digits, grid):
 
 
 def atomic_write(path, write_fn):
-    """write_fn(f) fills a binary temp file beside `path` that then replaces it: never a half-written file."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable location") from None
-        raise
+    """write_fn(f) fills a binary file that replaces `path` whole (convert.files.atomic_write, the one writer)."""
+    return _atomic_write(path, write_fn, binary_file=True, make_parents=False)
 
 
 def save_image(path, x):

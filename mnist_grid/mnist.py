@@ -7,7 +7,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import UserError, quote
+from convert.files import atomic_write
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -139,14 +139,10 @@ def _fetch(directory, name):
         except Exception as e:  # any network or format failure: try the next mirror
             errors.append(f"{mirror}: {e}")
             continue
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, directory / (name + ".gz"))
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            atomic_write(directory / (name + ".gz"), lambda f, blob=blob: f.write(blob), binary_file=True)
+        except UserError as e:
+            raise OSError(str(e)) from None  # reported below as the data directory's problem
         return None
     return "; ".join(errors)
 
