@@ -184,11 +184,11 @@ def build_parser() -> Parser:
         epilog = "example:\n  " + "\n  ".join(EXAMPLES[name])
         return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
 
-    def common(sp):
+    def common(sp, prefer=INFERENCE_FIRST):
         sp.add_argument(
             "--framework",
             choices=FRAMEWORKS,
-            help=f"default: the first installed of {', '.join(TRAINING_FIRST if sp is t else INFERENCE_FIRST)}",
+            help=f"default: the first installed of {', '.join(prefer)}",
         )
         sp.add_argument(
             "--device", default="auto", help="auto, cpu or gpu (each framework's own names work too: cuda, cuda:N, mps)"
@@ -208,7 +208,7 @@ def build_parser() -> Parser:
         )
 
     t = command("train", "train a model")
-    common(t)
+    common(t, TRAINING_FIRST)
     t.add_argument("--preset", choices=PRESETS, help=f"model and recipe (default {DEFAULT_PRESET}): {preset_help()}")
     t.add_argument("--config", type=Path, help="a model config JSON (instead of --preset)")
     t.add_argument("--attention", choices=ATTENTION, help="override the preset's attention")

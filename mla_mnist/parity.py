@@ -546,10 +546,6 @@ def write_json(report, out: Path):
 
 
 def _write(path: Path, write_fn):
-    from mnist_grid.images import atomic_write  # the one atomic writer
+    from convert.files import atomic_write  # the one atomic writer; it makes a missing folder
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    atomic_write(path, write_fn)
+    atomic_write(path, write_fn, binary_file=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.errors import UserError
-
 
 def _num(value, digits=1):
     if value is None:
@@ -109,14 +107,10 @@ def format_report(result) -> str:
 
 
 def write(path: Path, write_fn):
-    """write_fn(f) into `path` atomically (a rerun never leaves a half-written JSON or plot behind)."""
-    from mnist_grid.images import atomic_write
+    """write_fn(f) into `path` atomically, its folder made if missing (a rerun never leaves a half-written file)."""
+    from convert.files import atomic_write
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    atomic_write(path, write_fn)
+    atomic_write(path, write_fn, binary_file=True)
 
 
 def plot(result, path: Path):

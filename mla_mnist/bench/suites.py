@@ -314,14 +314,17 @@ def run(args):
     # The matmul rate of each framework is sampled before and between the lengths and its median kept: the
     # encoder's share of it then compares two medians over the same stretch of time.
     matmul, enc_ms = {}, {}
-    variants = {a: len(backends[0].build(cfg.replace(attention=a, kv_heads=None)).decode_modes) for a in ATTENTION}
-    progress = Progress(len(backends) * sum(variants.values()) * len(lengths), getattr(args, "quiet", False))
+    # Every variant's models up front: the bar's total is their decoding modes, read from the models themselves.
+    built_by = {
+        a: [(backend, *_model(backend, cfg, a, args.checkpoint, args.dtype)) for backend in backends] for a in ATTENTION
+    }
+    rows_total = sum(len(model.decode_modes) for built in built_by.values() for _, model, _ in built) * len(lengths)
+    progress = Progress(rows_total, getattr(args, "quiet", False))
     for backend in backends:
         info = result["frameworks"][backend.name] = {**backend.device_info(), "encoder": {}}
         matmul[backend.name] = [backend.matmul_gflops(max(args.repeats, 3))]
         progress.note(f"{backend.name} on {info['device']}: fp32 matmul {matmul[backend.name][0]:.1f} GFLOP/s")
-    for attention in ATTENTION:
-        built = [(backend, *_model(backend, cfg, attention, args.checkpoint, args.dtype)) for backend in backends]
+    for attention, built in built_by.items():
         players = [
             (backend, model, backend.array(images), mode) for backend, model, _ in built for mode in model.decode_modes
         ]
