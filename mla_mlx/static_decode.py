@@ -1,0 +1,144 @@
+"""Greedy absorbed decoding at fixed shapes, so one compiled step serves every position.
+
+generate()'s loop grows a slice of the cache and reads the position as a Python int, so each position is a new
+graph. Here the latent caches are full length, the position is an array, attention masks the rows not written
+yet and RoPE reads its row of a table: every step has the same shapes and mx.compile builds it once.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mnist_grid.tokens import FINISH, PAD, START
+
+from .attention import absorb, dense_weight, latent_attention
+
+HOWS = ("eager", "graph", "compiled")
+MAX_DECODERS = 4  # per model: the eval batch and its last, shorter batch, at one or two lengths
+
+
+def rope_table(length: int, dim: int, base: float):
+    """cos, sin [length, dim / 2] for positions 0..length-1, computed as attention.rope_plain computes them."""
+    inv_freq = base ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+    angles = mx.arange(length, dtype=mx.float32)[:, None] * inv_freq
+    return mx.cos(angles), mx.sin(angles)
+
+
+def rope_at(x, cos, sin):
+    """Rotary embedding of x [..., dim] at one position, given that position's cos, sin [dim / 2]."""
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+
+
+class StaticDecoder:
+    """Greedy decoding of an MLA model in the absorbed form at fixed shapes, for one (batch, max_length, dtype)."""
+
+    def __init__(self, model, batch: int, max_length: int, how: str):
+        if how == "graph":
+            raise ValueError("MLX has no explicit graph capture; its CUDA backend builds graphs itself: use compiled")
+        if how not in HOWS:
+            raise ValueError(f"static decoding is one of {', '.join(HOWS)}, got {how!r}")
+        if "absorbed" not in model.decode_modes:
+            raise ValueError(f"static decoding needs an MLA model (the absorbed step), not {model.config.attention}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        cfg = model.config
+        self.model, self.batch, self.max_length, self.how = model, batch, max_length, how
+        self.dtype = dtype = model.decoder[0].self_attn.kv_b_proj.weight.dtype  # as LatentCache
+        self.q_rank, self.kv_rank = cfg.dec_q_rank, cfg.dec_kv_rank
+        b, length, layers = batch, max_length, cfg.dec_layers
+        self.caches = [mx.zeros((b, length, cfg.dec_kv_rank + cfg.rope_dim), dtype=dtype) for _ in range(layers)]
+        self.memories = [mx.zeros((b, cfg.enc_tokens, cfg.cross_kv_rank), dtype=dtype) for _ in range(layers)]
+        self.weights = None  # per layer the fused q_a | kv_a projection and the absorbed ones: set by run()
+        self.cos, self.sin = rope_table(length, cfg.rope_dim, cfg.rope_base)
+        self.tokens = mx.full((b, length), PAD, dtype=mx.int32)
+        self.finished = mx.zeros((b,), dtype=mx.bool_)
+        self.position = mx.array(0, dtype=mx.int32)
+        # The model's own parameters (norms, MLPs, embedding, head) are read through inputs=, so a model trained
+        # since the last run is seen without a recompile; everything else is an explicit input.
+        self.step = mx.compile(self._step, inputs=model.state) if how == "compiled" else self._step
+
+    def _prepare(self, memories):
+        """Per layer the fused and absorbed projections of the current parameters (the model may have been
+        trained since the last run); the cross-attention's come with its memory."""
+        weights = []
+        for layer, memory in zip(self.model.decoder, memories):
+            attn = layer.self_attn
+            w_a = mx.concatenate([dense_weight(attn.q_a_proj), dense_weight(attn.kv_a_proj)], axis=0).T
+            absorbed = absorb(attn, attn.q_b_proj, attn.nope_dim)
+            weights.append(
+                {
+                    "w_a": w_a.astype(self.dtype),
+                    "w_q": absorbed.w_q,
+                    "w_o": absorbed.w_o,
+                    "cross_q": memory.absorbed.w_q,
+                    "cross_o": memory.absorbed.w_o,
+                }
+            )
+        return weights
+
+    def _step(self, weights, memories, caches, tokens, finished, position):
+        """One position p: reads tokens[:, p], writes cache row p and tokens[:, p + 1]. State in, state out."""
+        model, r = self.model, self.kv_rank
+        rows = mx.arange(self.max_length)
+        write = (rows == position)[None, :, None]  # the cache row of this position
+        visible = (rows <= position)[None, None, None, :]  # the rows written so far: attention's mask
+        cos, sin = mx.take(self.cos, position, axis=0), mx.take(self.sin, position, axis=0)
+        x = model.token_embed(mx.take(tokens, position[None], axis=1))  # [B, 1, d]
+        new_caches = []
+        for layer, w, memory, cache in zip(model.decoder, weights, memories, caches):
+            attn, b = layer.self_attn, x.shape[0]
+            q_a, c, k_pe = mx.split(layer.norm1(x) @ w["w_a"], [self.q_rank, self.q_rank + r], axis=-1)
+            kv = mx.concatenate([attn.kv_a_norm(c), rope_at(k_pe, cos, sin)], axis=-1)
+            cache = mx.where(write, kv, cache)
+            new_caches.append(cache)
+            q = (attn.q_a_norm(q_a) @ w["w_q"]).reshape(b, attn.heads, 1, -1)
+            q = mx.concatenate([q[..., :r], rope_at(q[..., r:], cos, sin)], axis=-1).reshape(b, 1, attn.heads, -1)
+            # latent_attention over all rows, the unwritten ones masked: heads on the query axis, one shared key
+            out = mx.fast.scaled_dot_product_attention(
+                q, cache[:, None], cache[:, None, :, :r], scale=1.0, mask=visible
+            )
+            x = x + out.reshape(b, 1, -1) @ w["w_o"]
+            q = (layer.norm2(x) @ w["cross_q"]).reshape(b, 1, attn.heads, -1)
+            x = x + latent_attention(q, memory, memory, attn.heads) @ w["cross_o"]
+            x = x + layer.mlp(layer.norm3(x))
+        if model.decoder_norm is not None:
+            x = model.decoder_norm(x)
+        nxt = model.head(x)[:, -1].argmax(-1).astype(mx.int32)
+        nxt = mx.where(finished, PAD, nxt)
+        tokens = mx.where(rows == position + 1, nxt[:, None], tokens)
+        return new_caches, tokens, finished | (nxt == FINISH), position + 1
+
+    def run(self, enc, stop: bool = True, check_every: int = 8):
+        """enc [batch, 1 + N, d] -> greedy tokens [batch, max_length], as generate(mode="absorbed") gives them."""
+        if enc.shape[0] != self.batch:
+            raise ValueError(f"this static decoder is for batch {self.batch}, got {enc.shape[0]}")
+        memories = self.model.memories(enc, absorbed=True)
+        self.memories = [m.c for m in memories]
+        self.weights = self._prepare(memories)
+        self.caches = [mx.zeros_like(c) for c in self.caches]
+        self.tokens = mx.full((self.batch, self.max_length), PAD, dtype=mx.int32)
+        self.tokens[:, 0] = START
+        self.finished = mx.zeros((self.batch,), dtype=mx.bool_)
+        self.position = mx.array(0, dtype=mx.int32)
+        for t in range(1, self.max_length):
+            self.caches, self.tokens, self.finished, self.position = self.step(
+                self.weights, self.memories, self.caches, self.tokens, self.finished, self.position
+            )
+            if stop and t % check_every == 0 and self.finished.all().item():  # the only host sync
+                break
+            mx.async_eval(self.caches, self.tokens, self.finished, self.position)
+        return self.tokens
+
+
+def static_decoder(model, batch: int, max_length: int, how: str) -> StaticDecoder:
+    """The model's StaticDecoder for (batch, max_length, dtype, how), made on first use; at most MAX_DECODERS are
+    kept, the oldest dropped. They live in the instance __dict__, outside the module's parameter tree."""
+    decoders = model.__dict__.setdefault("_static_decoders", {})
+    key = (batch, max_length, model.decoder[0].self_attn.kv_b_proj.weight.dtype, how)
+    if key not in decoders:
+        if len(decoders) >= MAX_DECODERS:
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = StaticDecoder(model, batch, max_length, how)
+    return decoders[key]
