@@ -6,6 +6,10 @@ import mlx.core as mx
 
 from mnist_grid.tokens import FINISH, PAD, START
 
+from .static_decode import static_decoder
+
+STATIC = ("off", "eager", "graph", "compiled")
+
 
 def sample(logits, temperature: float, top_k: int | None, key):
     if temperature == 0.0:
@@ -30,6 +34,26 @@ def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
     return mode
 
 
+def static_how(static: str | None, mode: str, temperature: float, quantize_cache: bool, return_cache: bool) -> str:
+    """generate()'s `static`, checked: None picks "compiled" on a GPU where the static step applies, else "off"."""
+    why = None
+    if mode != "absorbed":
+        why = f"it is the absorbed step, not mode={mode!r}"
+    elif temperature > 0:
+        why = "it is greedy only (temperature 0)"
+    elif quantize_cache:
+        why = "its cache is float, not quantize_cache"
+    elif return_cache:
+        why = "it keeps no DecoderCache to return (return_cache)"
+    if static is None:
+        return "compiled" if why is None and mx.default_device() == mx.gpu else "off"
+    if static not in STATIC:
+        raise ValueError(f"static must be None or one of {', '.join(STATIC)}, got {static!r}")
+    if static != "off" and why is not None:
+        raise ValueError(f"static={static!r} does not apply: {why}")
+    return static
+
+
 def _next_logits(model, tokens, t, mode, enc, cache):
     """Logits [B, vocab] for position t, given tokens[:, :t]."""
     if mode == "uncached":  # the original algorithm: the whole prefix, cross-attention K/V expanded again
@@ -50,6 +74,7 @@ def generate(
     return_cache: bool = False,
     quantize_cache: bool = False,
     encoded=None,
+    static: str | None = None,
 ):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
@@ -57,7 +82,9 @@ def generate(
     it: MLA's expanded form, or MHA/GQA's K/V cache) or "uncached" (the original algorithm: every step re-runs
     the whole prefix); default the first of `model.decode_modes`. stop=False forces every row to run max_length
     steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
-    output of these images, if already computed (then images may be None).
+    output of these images, if already computed (then images may be None). static: "off" (this loop), "eager" or
+    "compiled" (static_decode.StaticDecoder: the same tokens from a step of fixed shapes, compiled once), or None
+    (auto: "compiled" on a GPU where it applies, else "off").
     """
     mode = decode_mode(model, mode, quantize_cache)
     max_length = model.config.max_tokens if max_length is None else max_length
@@ -65,10 +92,15 @@ def generate(
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    static = static_how(static, mode, temperature, quantize_cache, return_cache)
     was_training = model.training
     model.eval()
     enc = model.encode(mx.array(images)) if encoded is None else encoded
     b = enc.shape[0]
+    if static != "off":
+        tokens = static_decoder(model, b, max_length, static).run(enc, stop=stop)
+        model.train(was_training)
+        return tokens
     key = mx.random.key(seed) if seed is not None else None  # MLX keys are functional: split one per step
     tokens = mx.full((b, max_length), PAD, dtype=mx.int32)
     tokens[:, 0] = START
