@@ -93,8 +93,8 @@ class StaticDecoder:
             kv = mx.concatenate([attn.kv_a_norm(c), rope_at(k_pe, cos, sin)], axis=-1)
             cache = mx.where(write, kv, cache)
             new_caches.append(cache)
-            q = (attn.q_a_norm(q_a) @ w["w_q"]).reshape(b, attn.heads, 1, -1)
-            q = mx.concatenate([q[..., :r], rope_at(q[..., r:], cos, sin)], axis=-1).reshape(b, 1, attn.heads, -1)
+            q = (attn.q_a_norm(q_a) @ w["w_q"]).reshape(b, 1, attn.heads, -1)
+            q = mx.concatenate([q[..., :r], rope_at(q[..., r:], cos, sin)], axis=-1)
             # latent_attention over all rows, the unwritten ones masked: heads on the query axis, one shared key
             out = mx.fast.scaled_dot_product_attention(
                 q, cache[:, None], cache[:, None, :, :r], scale=1.0, mask=visible
