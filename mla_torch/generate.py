@@ -6,6 +6,8 @@ import torch
 
 from mnist_grid.tokens import FINISH, PAD, START
 
+from .static_decode import HOWS, static_decoder
+
 
 def sample(logits, temperature: float, top_k: int | None, generator):
     if temperature == 0.0:
@@ -30,6 +32,32 @@ def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
     return mode
 
 
+def _static_blocker(mode: str, temperature: float, quantize_cache: bool, return_cache: bool) -> str | None:
+    """Why the static decoder cannot serve this call, or None."""
+    if mode != "absorbed":
+        return f"mode {mode!r} (it is the absorbed step)"
+    if temperature > 0:
+        return "temperature > 0 (it is greedy)"
+    if quantize_cache:
+        return "quantize_cache (its cache is float)"
+    if return_cache:
+        return "return_cache (it keeps no DecoderCache)"
+    return None
+
+
+def static_how(model, static: str | None, mode: str, temperature: float, quantize_cache: bool, return_cache: bool):
+    """How this call decodes: "off" (the loop below) or the StaticDecoder's `how`; None picks "graph" on CUDA
+    where it applies, else "off"."""
+    if static not in (None, "off", *HOWS):
+        raise ValueError(f"static must be None, 'off' or one of {', '.join(HOWS)}, got {static!r}")
+    blocker = _static_blocker(mode, temperature, quantize_cache, return_cache)
+    if static is None:
+        return "graph" if blocker is None and model.head.weight.device.type == "cuda" else "off"
+    if static != "off" and blocker is not None:
+        raise ValueError(f"static={static!r} does not apply with {blocker}: use static='off'")
+    return static
+
+
 def _next_logits(model, tokens, t, mode, enc, cache):
     """Logits [B, vocab] for position t, given tokens[:, :t]."""
     if mode == "uncached":  # the original algorithm: the whole prefix, cross-attention K/V expanded again
@@ -51,6 +79,7 @@ def generate(
     return_cache: bool = False,
     quantize_cache: bool = False,
     encoded=None,
+    static: str | None = None,
 ):
     """images [B, H, W] -> tokens [B, max_length]: <start> digits <finish> <pad>...
 
@@ -58,7 +87,10 @@ def generate(
     it: MLA's expanded form, or MHA/GQA's K/V cache) or "uncached" (the original algorithm: every step re-runs
     the whole prefix); default the first of `model.decode_modes`. stop=False forces every row to run max_length
     steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
-    output of these images, if already computed (then images may be None).
+    output of these images, if already computed (then images may be None). static: greedy absorbed decoding at
+    fixed shapes (mla_torch.static_decode): "eager", "graph" (a CUDA graph replayed per token), "compiled"
+    (torch.compile, then a CUDA graph on CUDA) or "off" (this loop); None: "graph" on CUDA where it applies
+    (absorbed, greedy, float cache, no return_cache), else "off". The tokens are the same either way.
     """
     mode = decode_mode(model, mode, quantize_cache)
     max_length = model.config.max_tokens if max_length is None else max_length
@@ -66,11 +98,16 @@ def generate(
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    how = static_how(model, static, mode, temperature, quantize_cache, return_cache)
     was_training = model.training
     model.eval()
     device = model.head.weight.device
     enc = model.encode(torch.as_tensor(images, device=device)) if encoded is None else encoded
     b = enc.shape[0]
+    if how != "off":
+        tokens = static_decoder(model, b, max_length, how).run(enc, stop=stop)
+        model.train(was_training)
+        return tokens
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     tokens = torch.full((b, max_length), PAD, dtype=torch.long, device=device)
     tokens[:, 0] = START
