@@ -34,9 +34,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     clip: float = 1.0
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of the weight average that validation and checkpoints use (0: off)
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "eps", "min_lr_ratio", "clip", "label_smoothing"):
+        for name in ("lr", "weight_decay", "eps", "min_lr_ratio", "clip", "label_smoothing", "ema"):
             v = getattr(self, name)
             if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise UserError(f"training setting {name} must be a finite number >= 0, got {v!r}")
@@ -57,6 +58,8 @@ class TrainConfig:
             raise ConfigError("total_steps", f"training needs at least one step, got {self.total_steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("label_smoothing", f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError("ema", f"the weight-average decay must be in [0, 1), got {self.ema}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to lr, then cosine decay to lr*min_lr_ratio at total_steps (held after)."""
@@ -65,6 +68,13 @@ class TrainConfig:
             return self.lr * (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, self.total_steps - warm))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def ema_weight(self, step: int) -> float:
+        """How far the weight average moves toward the weights after step `step` (0-based): 1 - decay.
+
+        The decay ramps up as (1 + step) / (10 + step) to `ema`, so that a short run (or the first thousand steps
+        at 0.999) averages trained weights rather than the random ones it started from."""
+        return 1.0 - min(self.ema, (1 + step) / (10 + step))
 
     def to_dict(self):
         return asdict(self)
@@ -124,8 +134,13 @@ def check_run_state(state, where) -> None:
         bad("best is not a validation record")
 
 
+# Per-parameter arrays of the optimizer state file: Adam moments, and with a weight average the average and the
+# raw weights (the checkpoint's model weights are then the average, so a resume needs the raw ones from here).
+STATE_PREFIXES = ("m.", "v.", "ema.", "raw.")
+
+
 def check_optimizer_state(arrays, where) -> None:
-    """The step counter must be one non-negative integer and the moments finite."""
+    """The step counter must be one non-negative integer and the per-parameter arrays finite."""
     step = arrays.get("step")
     if step is not None:
         value = float(step.reshape(-1)[0]) if step.size == 1 else float("nan")
@@ -135,10 +150,12 @@ def check_optimizer_state(arrays, where) -> None:
                 "from an intact checkpoint or start a new run"
             )
     bad = [
-        k for k, v in arrays.items() if k.startswith(("m.", "v.")) and (v.dtype.kind != "f" or not np.isfinite(v).all())
+        k
+        for k, v in arrays.items()
+        if k.startswith(STATE_PREFIXES) and (v.dtype.kind != "f" or not np.isfinite(v).all())
     ]
     if bad:
         raise UserError(
-            f"{quote(where)} holds non-finite or non-float optimizer moments ({', '.join(bad[:3])}): it "
+            f"{quote(where)} holds non-finite or non-float optimizer state ({', '.join(bad[:3])}): it "
             "is corrupt; resume from an intact checkpoint or start a new run"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -67,7 +69,12 @@ class Trainer:
         )
         self.opt.init(model.trainable_parameters())  # the compiled step needs the whole state tree up front
         self.step_count = 0
-        state = [model.state, self.opt.state, mx.random.state]
+        # The weight average (tc.ema > 0): "params" (float32, the trainable tree) and "weight" (this step's
+        # 1 - decay), updated inside the compiled step. "params" starts from the weights of the first step (so
+        # that weights loaded after construction, as --init does, are the ones averaged).
+        self._ema: dict = {}
+        self._raw = None  # the raw weights while averaged() has them swapped out
+        state = [model.state, self.opt.state, mx.random.state, self._ema]
 
         def train_step(images, tokens):
             count = mx.distributed.all_sum(target_count(tokens).astype(mx.float32)) if world > 1 else None
@@ -79,6 +86,11 @@ class Trainer:
                 loss, grads = sum_over_ranks((loss, grads))
             grads, norm = optim.clip_grad_norm(grads, tc.clip)
             self.opt.update(model, grads)
+            if tc.ema:
+                w = self._ema["weight"]
+                self._ema["params"] = tree_map(
+                    lambda e, p: e + w * (p - e), self._ema["params"], model.trainable_parameters()
+                )
             return loss, norm
 
         # The update stays per array inside the compiled step: one flat buffer per dtype (concatenated grads,
@@ -90,6 +102,10 @@ class Trainer:
         self.model.train()
         # Part of the optimizer state, so the compiled step reads the new value without recompiling.
         self.opt.learning_rate = self.tc.lr_at(self.step_count)
+        if self.tc.ema:
+            if "params" not in self._ema:
+                self._ema["params"] = tree_map(lambda p: p.astype(mx.float32), self.model.trainable_parameters())
+            self._ema["weight"] = mx.array(self.tc.ema_weight(self.step_count), dtype=mx.float32)
         images = mx.array(images)
         tokens = mx.array(tokens)
         loss, norm = self._step(images, tokens)
@@ -108,7 +124,23 @@ class Trainer:
         finally:
             self.model.update(params)
 
-    # ---- state for --resume: Adam moments by parameter name, plus the dropout RNG -----------------
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside, the model holds the weights to evaluate and save: the weight average when on (the raw
+        weights are put back on the way out)."""
+        if "params" not in self._ema or self._raw is not None:
+            yield
+            return
+        self._raw = self.model.trainable_parameters()
+        self.model.update(self._ema["params"])
+        try:
+            yield
+        finally:
+            self.model.update(self._raw)
+            self._raw = None
+
+    # ---- state for --resume: Adam moments by parameter name, the dropout RNG, and with a weight average
+    # the average ("ema.") and the raw weights ("raw."): the checkpoint's model weights are then the average.
     def state(self) -> dict[str, np.ndarray]:
         out = {"step": np.array(self.step_count, dtype=np.int64)}
         if self.step_count:  # torch has no moments before its first step
@@ -116,6 +148,11 @@ class Trainer:
                 s = _node(self.opt.state, name)
                 out[f"m.{name}"] = np.array(s["m"].astype(mx.float32))
                 out[f"v.{name}"] = np.array(s["v"].astype(mx.float32))
+        if "params" in self._ema:
+            raw = dict(tree_flatten(self._raw or self.model.trainable_parameters()))
+            for name, e in tree_flatten(self._ema["params"]):
+                out[f"ema.{name}"] = np.array(e)
+                out[f"raw.{name}"] = np.array(raw[name].astype(mx.float32))
         out["rng.mlx"] = np.array(mx.random.state[0], dtype=np.uint32)
         return out
 
@@ -128,6 +165,11 @@ class Trainer:
                 s = _node(self.opt.state, name)
                 s["m"] = mx.array(state[f"m.{name}"]).astype(p.dtype)
                 s["v"] = mx.array(state[f"v.{name}"]).astype(p.dtype)
+        names = [name for name, _ in tree_flatten(self.model.trainable_parameters())]
+        if self.tc.ema and all(f"ema.{n}" in state and f"raw.{n}" in state for n in names):
+            # Built in the parameters' own order: the compiled step flattens this tree as it did when traced.
+            self.model.update(tree_unflatten([(n, mx.array(state[f"raw.{n}"])) for n in names]))
+            self._ema["params"] = tree_unflatten([(n, mx.array(state[f"ema.{n}"], dtype=mx.float32)) for n in names])
         if "rng.mlx" in state:
             hi, lo = (int(x) for x in np.asarray(state["rng.mlx"], dtype=np.uint32))
             mx.random.seed((hi << 32) | lo)  # key(seed) is exactly [seed >> 32, seed & 0xffffffff]

@@ -219,6 +219,13 @@ def build_parser() -> Parser:
     t.add_argument("--warmup", type=nonneg_int, help="linear warm-up steps (default: the preset's)")
     t.add_argument("--weight-decay", type=nonneg_float, help="AdamW decoupled weight decay (default: the preset's)")
     t.add_argument("--label-smoothing", type=nonneg_float, help="cross-entropy label smoothing (default: the preset's)")
+    t.add_argument(
+        "--ema",
+        type=nonneg_float,
+        metavar="DECAY",
+        help="validate and save an exponential moving average of the weights with this decay per step, "
+        "e.g. 0.999; 0 turns it off (default: the preset's)",
+    )
     t.add_argument("--train-samples", type=positive_int, help="grids per epoch (default: the preset's)")
     t.add_argument("--val-samples", type=positive_int, default=512, help="validation grids scored after each epoch")
     t.add_argument(

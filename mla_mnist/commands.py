@@ -68,6 +68,7 @@ def cmd_train(args):
             ("warmup", "warmup_steps"),
             ("weight_decay", "weight_decay"),
             ("label_smoothing", "label_smoothing"),
+            ("ema", "ema"),
         ):
             if getattr(args, flag) is not None:
                 optimiser[key] = getattr(args, flag)
@@ -89,6 +90,7 @@ def cmd_train(args):
                 total_steps=epochs * (samples // batch),
                 weight_decay=pick("weight_decay"),
                 label_smoothing=pick("label_smoothing"),
+                ema=pick("ema"),
             )
         )
         spec = RunSpec(
@@ -139,6 +141,7 @@ def _train_config(fields: dict) -> TrainConfig:
             "lr": "--lr",
             "total_steps": "--epochs, --train-samples or --batch-size",
             "label_smoothing": "--label-smoothing",
+            "ema": "--ema",
         }.get(getattr(e, "field", None))
         raise UserError(f"{e}" + (f" (set by {hint})" if hint else "")) from None
 

@@ -16,7 +16,7 @@ from convert import checkpoint, safetensors_np
 from convert.config import ModelConfig
 from convert.errors import UserError
 from convert.schema import parameter_count, schema
-from convert.training import TrainConfig, check_optimizer_state, check_run_state
+from convert.training import STATE_PREFIXES, TrainConfig, check_optimizer_state, check_run_state
 from mnist_grid import GridStream, decode
 from mnist_grid.grid import tokens
 from mnist_grid.metrics import counts, digit_accuracy
@@ -94,7 +94,8 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
 def _optimizer_shapes(config):
     shapes = {"step": ()}
     for name, shape in schema(config).items():
-        shapes[f"m.{name}"] = shapes[f"v.{name}"] = tuple(shape)
+        for prefix in STATE_PREFIXES:
+            shapes[f"{prefix}{name}"] = tuple(shape)
     return shapes
 
 
@@ -172,8 +173,10 @@ def train(
                 "drop --preset/--config to continue with the checkpoint's own"
             )
         asked = json.loads(json.dumps(spec.to_dict()))  # as stored: tuples become lists
-        if state["spec"] != asked:
-            diff = [k for k in {**state["spec"], **asked} if state["spec"].get(k) != asked.get(k)]
+        # Settings added since the run was saved take their defaults, which is how it ran.
+        saved = {**state["spec"], "train": json.loads(json.dumps(TrainConfig(**state["spec"]["train"]).to_dict()))}
+        if saved != asked:
+            diff = [k for k in {**saved, **asked} if saved.get(k) != asked.get(k)]
             raise UserError(
                 f"--resume {resume}: {', '.join(diff)} differ from the interrupted run's; resume "
                 "continues the same run, so leave them as they were"
@@ -256,9 +259,9 @@ def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:
 def _validate(backend, model, trainer, val_x, val_y, epoch, step, train_loss, spec, seconds, steps, rank=0, world=1):
     # Each rank scores its own slice of the validation grids; the sums over ranks score the whole set.
     rows = slice(rank * len(val_x) // world, (rank + 1) * len(val_x) // world)
-    loss_sum, targets, exact, edits, digits, grids = backend.all_sum(
-        _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])
-    ).tolist()
+    with trainer.averaged():
+        sums = _validation_sums(backend, model, trainer, val_x[rows], val_y[rows])
+    loss_sum, targets, exact, edits, digits, grids = backend.all_sum(sums).tolist()
     return {
         "epoch": round(epoch, 4),
         "step": step,
@@ -281,7 +284,10 @@ def _line(r):
 
 
 def _save(backend, model, trainer, out, config, preset, spec, history, best, improved):
-    weights = backend.weights(model)
+    # What eval and predict load is the weights validation scored; the optimizer state keeps the raw ones.
+    with trainer.averaged():  # copied: torch's arrays share the parameters' memory on a CPU
+        weights = {k: np.array(v, copy=True) for k, v in backend.weights(model).items()}
+    optimizer = trainer.state()
     state = {
         "step": trainer.step_count,
         "framework": backend.name,
@@ -289,7 +295,7 @@ def _save(backend, model, trainer, out, config, preset, spec, history, best, imp
         "history": history,
         "best": best,
     }
-    files = {STATE: json.dumps(state, indent=2).encode(), OPTIMIZER: lambda p: safetensors_np.write(p, trainer.state())}
+    files = {STATE: json.dumps(state, indent=2).encode(), OPTIMIZER: lambda p: safetensors_np.write(p, optimizer)}
     if improved:
         files[checkpoint.BEST] = lambda p: safetensors_np.write(p, weights)
     metrics = {"history": history, "best": best, "framework": backend.name}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -53,15 +54,18 @@ class Trainer:
 
     def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1, compile: bool = False):
         # world > 1: one of `world` data-parallel ranks (torch.distributed initialised); DDP sums gradients.
-        # compile: torch.compile the training forward. self.model stays the plain module, so state_dict and
-        # parameter names (checkpoints, optimizer state) are unchanged; eval runs it uncompiled.
+        # compile: compile each encoder and decoder layer in place. The layers of a stack are alike, so they
+        # share one compiled graph: the cold start costs about one layer of each kind, not the whole model.
+        # Module names (checkpoints, optimizer state) are unchanged; evaluation runs eager (see _eager).
         self.model, self.tc, self.device, self.world = model, tc, torch.device(device), world
         self.net = model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.compiled = compile
         if compile:
-            self.net = torch.compile(self.net)
+            for layer in (*model.encoder, *model.decoder):
+                layer.compile()
         self.bf16 = bf16
         if bf16:
             _check_bf16(self.device)
@@ -76,6 +80,11 @@ class Trainer:
             fused=self.fused or None,
         )
         self.step_count = 0
+        # The weight average (tc.ema > 0): float32 copies of the parameters, started from the weights of the
+        # first step (so that weights loaded after construction, as --init does, are the ones averaged).
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._ema: list[torch.Tensor] | None = None
+        self._raw: list[torch.Tensor] | None = None  # the raw weights while averaged() has them swapped out
 
     def step(self, images, tokens):
         """Returns (loss, grad norm before clipping) as 0-d tensors (no host sync here)."""
@@ -92,7 +101,12 @@ class Trainer:
         # DDP averages gradients over ranks; times world, they sum the ranks' shares of the global mean.
         (loss * self.world if self.world > 1 else loss).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip)
+        if self.tc.ema and self._ema is None:
+            self._ema = [p.detach().float().clone() for p in self._params]
         self.opt.step()
+        if self._ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._ema, self._params, self.tc.ema_weight(self.step_count))
         self.step_count += 1
         loss = loss.detach()
         return (self._sum_over_ranks(loss) if self.world > 1 else loss), norm.detach()
@@ -103,15 +117,41 @@ class Trainer:
         torch.distributed.all_reduce(x)
         return x
 
+    def _eager(self):
+        """Compiled layers run eager inside: no_grad, generation's caches and new batch shapes would each
+        compile another graph (and count toward the recompile limit) for a few calls per epoch."""
+        if self.compiled and hasattr(torch.compiler, "set_stance"):
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def eval_loss(self, images, tokens) -> float:
         self.model.eval()
         images = torch.as_tensor(images).to(self.device)
         tokens = torch.as_tensor(tokens).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with self._eager(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return float(loss_fn(self.model, images, tokens))
 
-    # ---- state for --resume: Adam moments by parameter name, plus the dropout RNG -----------------
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside, the model holds the weights to evaluate and save: the weight average when on (the raw
+        weights are put back on the way out), and runs eager."""
+        with self._eager():
+            if self._ema is None or self._raw is not None:
+                yield
+                return
+            with torch.no_grad():
+                self._raw = [p.detach().clone() for p in self._params]
+                torch._foreach_copy_(self._params, self._ema)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._params, self._raw)
+                self._raw = None
+
+    # ---- state for --resume: Adam moments by parameter name, the dropout RNG, and with a weight average
+    # the average ("ema.") and the raw weights ("raw."): the checkpoint's model weights are then the average.
     def state(self) -> dict[str, np.ndarray]:
         out = {"step": np.array(self.step_count, dtype=np.int64)}
         for name, p in self.model.named_parameters():
@@ -119,6 +159,12 @@ class Trainer:
             if s:
                 out[f"m.{name}"] = s["exp_avg"].float().cpu().numpy()
                 out[f"v.{name}"] = s["exp_avg_sq"].float().cpu().numpy()
+        if self._ema is not None:
+            raw = self._raw or self._params
+            names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+            for name, e, p in zip(names, self._ema, raw):
+                out[f"ema.{name}"] = e.cpu().numpy()
+                out[f"raw.{name}"] = p.detach().float().cpu().numpy()
         out["rng.torch"] = torch.get_rng_state().numpy()
         if self.device.type == "cuda":
             out["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
@@ -134,6 +180,15 @@ class Trainer:
                     "exp_avg": torch.from_numpy(state[f"m.{name}"]).to(p.device, p.dtype),
                     "exp_avg_sq": torch.from_numpy(state[f"v.{name}"]).to(p.device, p.dtype),
                 }
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        if self.tc.ema and all(f"ema.{n}" in state and f"raw.{n}" in state for n in names):
+            with torch.no_grad():
+                for n, p in zip(names, self._params):
+                    p.copy_(torch.from_numpy(state[f"raw.{n}"]))
+            self._ema = [
+                torch.tensor(state[f"ema.{n}"], dtype=torch.float32, device=p.device)
+                for n, p in zip(names, self._params)
+            ]
         if "rng.torch" in state:
             torch.set_rng_state(torch.from_numpy(state["rng.torch"].astype(np.uint8)))
         if "rng.cuda" in state and self.device.type == "cuda":

@@ -80,16 +80,38 @@ def test_torch_bf16_really_runs_in_bf16(batches):
 
 
 def test_torch_compile_keeps_state_names(batches, monkeypatch):
-    """compile=True wraps only the training forward: checkpoint and optimizer names stay those of the module.
-    Traced by dynamo and AOT autograd but not code-generated: inductor takes minutes on a small CPU."""
+    """compile=True compiles each encoder and decoder layer in place: checkpoint and optimizer names stay those
+    of the module, and evaluation (no_grad, other shapes) runs eager rather than compiling more graphs.
+    Traced by dynamo and AOT autograd but not code-generated here: see the inductor test below."""
     torch = pytest.importorskip("torch")
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or compile_(fn, backend="aot_eager"))
     plain, *_ = _torch(False)
     trainer, *_ = _torch(False, compile=True)
-    assert trainer.net is not trainer.model
+    assert trainer.net is trainer.model and len(compiled) == CFG.enc_layers + CFG.dec_layers
     assert list(trainer.model.state_dict()) == list(plain.model.state_dict())
     for x, y in batches[:2]:
         a, b = plain.step(x, y), trainer.step(x, y)
         assert float(b[0]) == pytest.approx(float(a[0]), rel=1e-4)
     assert trainer.state().keys() == plain.state().keys()
+    torch._dynamo.utils.counters.clear()
+    with trainer.averaged():
+        assert trainer.eval_loss(*batches[2]) == pytest.approx(plain.eval_loss(*batches[2]), rel=1e-4)
+    assert not torch._dynamo.utils.counters["frames"]["total"]  # nothing traced for evaluation
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor(batches):
+    """The default backend, code-generated on the CPU (needs a C compiler): the tiny model still trains."""
+    pytest.importorskip("torch")
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("inductor needs a C compiler")
+    plain, *_ = _torch(False)
+    trainer, *_ = _torch(False, compile=True)
+    assert list(trainer.model.state_dict()) == list(plain.model.state_dict())
+    losses = [float(trainer.step(x, y)[0]) for x, y in batches[:4]]
+    want = [float(plain.step(x, y)[0]) for x, y in batches[:4]]
+    np.testing.assert_allclose(losses, want, rtol=1e-3)
