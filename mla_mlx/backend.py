@@ -73,6 +73,25 @@ class Backend:
             "peak_memory_method": "mx.get_peak_memory (all MLX arrays, weights included)",
         }
 
+    def copy_gbps(self, repeats: int = 3) -> float:
+        """Device memory bandwidth, GB/s read + written by a large copy: the yardstick of a memory-bound step."""
+        n = (1 << 24) if self.on_cpu else (1 << 28)  # 64 MiB / 1 GiB of float32, well past any cache
+        a = mx.ones((n,), dtype=mx.float32)
+        self.synchronize(a)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            self.synchronize(a + 0)  # MLX has no in-place copy: one elementwise pass reads and writes n floats
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 2 * a.nbytes / statistics.median(times) / 1e9
+
+    @property
+    def static_paths(self) -> tuple[str, ...]:
+        """generate(static=...) paths on this device: the loop, the fixed-shape step eagerly and compiled (MLX has
+        no graph capture of its own to ask for: its CUDA backend builds graphs by itself)."""
+        return ("off", "eager", "compiled")
+
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""
         n = 1024 if self.on_cpu else 4096

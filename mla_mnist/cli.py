@@ -172,6 +172,9 @@ EXAMPLES = {
 }
 
 
+STATIC_PATHS = ("auto", "off", "eager", "graph", "compiled")  # generate(static=...); auto is None
+
+
 def build_parser() -> Parser:
     p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -259,6 +262,13 @@ def build_parser() -> Parser:
     )
     e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
     e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
+    e.add_argument(
+        "--static",
+        choices=STATIC_PATHS,
+        default="auto",
+        help="the fixed-shape decoding step: off (the step-by-step loop), eager, graph (CUDA graph, torch), compiled; "
+        "auto: graph on a CUDA GPU in torch, compiled on a GPU in MLX, off on a CPU",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -329,6 +339,27 @@ def build_parser() -> Parser:
     b.add_argument("--batch-size", type=positive_int, default=4, help="grids per generate call")
     b.add_argument("--lengths", default="10,20,30,50", help="forced generation lengths, comma-separated")
     b.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
+    b.add_argument(
+        "--attentions", default=",".join(ATTENTION), help="attention variants of the generation rows, comma-separated"
+    )
+    b.add_argument(
+        "--decode-batches",
+        default="1,4,64",
+        help="batch sizes of the decoding-path rows (the loop against the fixed-shape step, eager / graph / "
+        "compiled), comma-separated; empty: none",
+    )
+    b.add_argument(
+        "--decode-length",
+        type=positive_int,
+        default=50,
+        help="forced tokens of the decoding-path rows (at most the model's)",
+    )
+    b.add_argument(
+        "--eval-samples",
+        type=nonneg_int,
+        default=0,
+        help="also read this many fixed test grids through every decoding path (grids/s; 0: skip)",
+    )
     b.add_argument("--device", default="cpu", help="cpu or gpu (each framework's own names work too)")
     b.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row (the median is kept)")
     b.add_argument("--train-steps", type=nonneg_int, default=5, help="timed training steps (0: no training)")

@@ -95,6 +95,26 @@ class Backend:
             "peak_memory_method": "torch.cuda.max_memory_allocated (weights included)",
         }
 
+    def copy_gbps(self, repeats: int = 3) -> float:
+        """Device memory bandwidth, GB/s read + written by a large copy: the yardstick of a memory-bound step."""
+        n = (1 << 24) if self.on_cpu else (1 << 28)  # 64 MiB / 1 GiB of float32, well past any cache
+        a = torch.empty(n, dtype=torch.float32, device=self.device).fill_(1.0)
+        b = torch.empty_like(a)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            b.copy_(a)
+            self.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 2 * a.nbytes / statistics.median(times) / 1e9
+
+    @property
+    def static_paths(self) -> tuple[str, ...]:
+        """generate(static=...) paths on this device: the loop, the fixed-shape step eagerly, and on CUDA in a
+        CUDA graph or compiled by torch.compile into one (compiling for a CPU costs minutes and gains nothing)."""
+        return ("off", "eager", "graph", "compiled") if self.device.startswith("cuda") else ("off", "eager")
+
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""
         n = 1024 if self.on_cpu else 4096

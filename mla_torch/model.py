@@ -12,6 +12,13 @@ from .attention import cross_attention, layer_norm, self_attention
 from .cache import DecoderCache
 
 
+def normalized(images: torch.Tensor, dtype) -> torch.Tensor:
+    """Pixels in [0, 1] (or uint8 0-255: a quarter of the bytes to move to a GPU, scaled here) -> the model's input."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    return (images.to(dtype) - MNIST_MEAN) / MNIST_STD
+
+
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """[B, H, W] -> [B, N, p*p]: non-overlapping patches in raster order, each flattened row-major."""
     b, h, w = images.shape
@@ -83,8 +90,8 @@ class EncoderDecoder(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, H, W] in [0, 1] -> encoder output [B, 1 + N, d] (class token at position 0)."""
-        x = (images.to(self.head.weight.dtype) - MNIST_MEAN) / MNIST_STD
+        """images [B, H, W] in [0, 1] (or uint8) -> encoder output [B, 1 + N, d] (class token at position 0)."""
+        x = normalized(images, self.head.weight.dtype)
         x = self.patch_embed(patchify(x, self.config.patch))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for layer in self.encoder:
@@ -129,7 +136,7 @@ class EncoderDecoder(nn.Module):
         patch_embed (class token + patches), encoder.<i>, encoder_out, decoder.<i>, logits; in boundary order.
         mla_mlx's EncoderDecoder.trace is the same code (mla-mnist parity compares the two)."""
         out = {}
-        x = (images.to(self.head.weight.dtype) - MNIST_MEAN) / MNIST_STD
+        x = normalized(images, self.head.weight.dtype)
         x = self.patch_embed(patchify(x, self.config.patch))
         x = out["patch_embed"] = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for i, layer in enumerate(self.encoder):

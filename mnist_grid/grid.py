@@ -91,8 +91,11 @@ def _shifted(cells, offsets):
     return np.take_along_axis(padded.reshape(m, -1), flat, axis=1).reshape(m, CELL, CELL)
 
 
-def render(images, labels, grid, d, rows=slice(None)):
-    """Images float32 [m, G*28, G*28] in [0, 1] and tokens int64 [m, G*G+2] for rows of a Draw."""
+def render(images, labels, grid, d, rows=slice(None), raw=False):
+    """Images float32 [m, G*28, G*28] in [0, 1] and tokens int64 [m, G*G+2] for rows of a Draw. raw: the images as
+    uint8 0-255 instead (only without augmentation, where the pixels are the digits' own: exact)."""
+    if raw and (d.affine is not None or d.shift is not None):
+        raise ValueError("raw uint8 grids are only exact without augmentation")
     occupied, index, _k = d.occupied[rows], d.index[rows], d.k[rows]
     m, cells = occupied.shape
     safe = np.where(occupied, index, 0)
@@ -105,8 +108,10 @@ def render(images, labels, grid, d, rows=slice(None)):
     if d.shift is not None:
         tiles = _shifted(tiles, d.shift[rows].reshape(-1, 2))
     x = tiles.reshape(m, grid, grid, CELL, CELL).transpose(0, 1, 3, 2, 4)
-    x = x.reshape(m, grid * CELL, grid * CELL).astype(np.float32) / np.float32(255)
-    return x, tokens(labels, grid, d, rows)
+    x = x.reshape(m, grid * CELL, grid * CELL)
+    if raw:
+        return x.astype(np.uint8), tokens(labels, grid, d, rows)
+    return x.astype(np.float32) / np.float32(255), tokens(labels, grid, d, rows)
 
 
 def tokens(labels, grid, d, rows=slice(None)):
@@ -164,14 +169,15 @@ class GridStream:
         for index, start in enumerate(range(0, n_samples, batch_size)):
             yield self.batch(epoch, index, min(batch_size, n_samples - start), rank, world)
 
-    def fixed(self, n, seed=0, k=None, chunk=1024):
-        """A fixed evaluation set of n grids, the same for every caller; never augmented."""
+    def fixed(self, n, seed=0, k=None, chunk=1024, raw=False):
+        """A fixed evaluation set of n grids, the same for every caller; never augmented. raw: uint8 pixels
+        (0-255; the models scale them on their device), a quarter of float32's bytes and exactly the same grids."""
         rng = np.random.default_rng([seed, 2**31 - 1, self.split_id])
         d = self.draw(rng, n, k=k, augment=False)
         side = self.grid * CELL
-        x = np.empty((n, side, side), dtype=np.float32)
+        x = np.empty((n, side, side), dtype=np.uint8 if raw else np.float32)
         tokens = np.empty((n, max_tokens(self.grid)), dtype=np.int64)
         for start in range(0, n, chunk):  # bounds the uint8 -> float32 intermediates
             rows = slice(start, min(start + chunk, n))
-            x[rows], tokens[rows] = render(self.images, self.labels, self.grid, d, rows)
+            x[rows], tokens[rows] = render(self.images, self.labels, self.grid, d, rows, raw=raw)
         return x, tokens

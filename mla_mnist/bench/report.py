@@ -44,6 +44,30 @@ def format_report(result) -> str:
         f"| {s['framework']} | {s['attention']} | {s['length']} | {s['mode']} | {s['cached_over_uncached']:.2f}x |"
         for s in result["speedups"]
     ]
+    if result.get("decode_paths"):
+        first = result["decode_paths"][0]
+        lines += [
+            "",
+            f"decoding paths, {first['length']} forced tokens, encoder excluded; bound = max(bytes a step reads / "
+            "copy bandwidth, FLOPs / fp32 matmul rate), both measured in this run",
+            "",
+            "| framework | batch | path | ms/token | bound ms | x bound | first call s | tokens = loop's |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['framework']} | {r['batch']} | {r['path']} | {r['ms_per_token']:.3f} | {r['bound_ms']:.4f} | "
+            f"{r['ms_per_token'] / r['bound_ms']:,.0f} | {r['first_call_s']:.2f} | "
+            f"{'yes' if r['tokens_match_off'] else 'NO'} |"
+            for r in result["decode_paths"]
+        ]
+    if result.get("eval"):
+        lines += ["", "| framework | eval path | batch | grids | grids/s | exact match | digit accuracy |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| {r['framework']} | {r['path']} | {r['batch']} | {r['samples']} | {r['grids_per_s']:,.0f} | "
+            f"{r['exact_match']:.2%} | {r['digit_accuracy']:.2%} |"
+            for r in result["eval"]
+        ]
     attentions = list(next(iter(result["frameworks"].values()))["encoder"])
     lines += [
         "",

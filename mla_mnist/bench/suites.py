@@ -23,7 +23,7 @@ from mnist_grid.tokens import FINISH, PAD, START
 
 from ..backends import FRAMEWORKS, get_backend, installed
 from ..evaluation import progress_bar
-from . import report
+from . import decoding, report
 from .timing import load_average, machine, peak_memory, timed
 
 COLUMNS = ("samples_per_s", "tokens_per_s", "encoder_ms", "decode_ms_per_token", "cache_bytes", "peak_memory_bytes")
@@ -315,8 +315,10 @@ def run(args):
     # encoder's share of it then compares two medians over the same stretch of time.
     matmul, enc_ms = {}, {}
     # Every variant's models up front: the bar's total is their decoding modes, read from the models themselves.
+    attentions = parse_list(getattr(args, "attentions", ",".join(ATTENTION)), "--attentions", str, ATTENTION)
     built_by = {
-        a: [(backend, *_model(backend, cfg, a, args.checkpoint, args.dtype)) for backend in backends] for a in ATTENTION
+        a: [(backend, *_model(backend, cfg, a, args.checkpoint, args.dtype)) for backend in backends]
+        for a in dict.fromkeys(attentions)
     }
     rows_total = sum(len(model.decode_modes) for built in built_by.values() for _, model, _ in built) * len(lengths)
     progress = Progress(rows_total, getattr(args, "quiet", False))
@@ -372,6 +374,19 @@ def run(args):
         )
         for e in info["encoder"].values():
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
+    decode_batches = parse_list(args.decode_batches, "--decode-batches", int) if args.decode_batches else []
+    if decode_batches and min(decode_batches) < 1:
+        raise UserError(f"--decode-batches {args.decode_batches!r}: every batch must be >= 1")
+    if decode_batches or args.eval_samples:
+        mla = built_by.get("mla") or [(b, *_model(b, cfg, "mla", args.checkpoint, args.dtype)) for b in backends]
+        models = [model for _, model, _ in mla]
+        if decode_batches:
+            length = min(args.decode_length, cfg.max_tokens)
+            result["decode_paths"] = decoding.path_rows(
+                backends, models, cfg, decode_batches, length, args.repeats, args.dtype, progress=progress
+            )
+        if args.eval_samples:
+            result["eval"] = decoding.eval_rows(backends, models, cfg, args.eval_samples, None, progress=progress)
     if args.train_steps:
         train_batch = args.train_batch_size or batch
         bf16 = args.train_dtype == "bfloat16"
