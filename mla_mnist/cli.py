@@ -349,6 +349,11 @@ def build_parser() -> Parser:
         "compiled), comma-separated; empty: none",
     )
     b.add_argument(
+        "--decode-paths",
+        help="the decoding paths to time, comma-separated: off, eager, graph, compiled (default: all the device has; "
+        "the loop, off, always runs: the others' tokens are compared with it)",
+    )
+    b.add_argument(
         "--decode-length",
         type=positive_int,
         default=50,

@@ -17,7 +17,15 @@ from ..evaluation import eval_set, predict_tokens
 from .timing import timed
 
 
-def path_rows(backends, models, cfg, batches, length, repeats, dtype, data_dir=None, progress=None) -> list[dict]:
+def paths_of(backend, asked) -> tuple[str, ...]:
+    """The paths this backend's device has, limited to those asked for (None: all); the loop always, first: the
+    reference the others' tokens are compared with."""
+    return tuple(p for p in backend.static_paths if p == "off" or asked is None or p in asked)
+
+
+def path_rows(
+    backends, models, cfg, batches, length, repeats, dtype, data_dir=None, progress=None, paths=None
+) -> list[dict]:
     """Per framework and batch: ms per generated token of every path on real test grids, forced to `length`
     (stop=False, the encoder outside the clock), the paths taking turns; the first call of each path (its
     capture or compilation) timed apart; tokens compared with the loop's."""
@@ -32,16 +40,16 @@ def path_rows(backends, models, cfg, batches, length, repeats, dtype, data_dir=N
             def run(path, backend=backend, model=model, enc=enc):
                 return backend.generate(model, None, encoded=enc, max_length=length, stop=False, static=path)
 
-            first, tokens = {}, {}
-            for path in backend.static_paths:
+            first, tokens, mine = {}, {}, paths_of(backend, paths)
+            for path in mine:
                 tokens[path], first[path] = timed(backend, lambda path=path: run(path))
-            times = {path: [] for path in backend.static_paths}
+            times = {path: [] for path in mine}
             for _ in range(repeats):
-                for path in backend.static_paths:
+                for path in mine:
                     times[path].append(timed(backend, lambda path=path: run(path))[1])
             cost = decode_step_cost(cfg, batch, length, itemsize)
             bound = max(cost["bytes"] / bandwidth, cost["flops"] / peak)
-            for path in backend.static_paths:
+            for path in mine:
                 ms = 1e3 * statistics.median(times[path]) / (length - 1)
                 rows.append(
                     {
@@ -64,14 +72,14 @@ def path_rows(backends, models, cfg, batches, length, repeats, dtype, data_dir=N
     return rows
 
 
-def eval_rows(backends, models, cfg, samples, batch_size, data_dir=None, progress=None) -> list[dict]:
+def eval_rows(backends, models, cfg, samples, batch_size, data_dir=None, progress=None, paths=None) -> list[dict]:
     """Greedy evaluation of `samples` fixed test grids (uint8, as `eval` reads them) through every path: grids/s
     of the whole read-out after one warm-up batch, and its scores."""
     images, tokens = eval_set("test", cfg.grid, samples, data_dir, raw=True)
     truth, rows = decode(tokens), []
     for backend, model in zip(backends, models):
         batch = batch_size or (64 if backend.on_cpu else 1024)
-        for path in backend.static_paths:
+        for path in paths_of(backend, paths):
             predict_tokens(backend, model, images[:batch], batch, static=path)  # capture / compile / warm-up
             start = time.perf_counter()
             pred = predict_tokens(backend, model, images, batch, static=path)

@@ -377,16 +377,21 @@ def run(args):
     decode_batches = parse_list(args.decode_batches, "--decode-batches", int) if args.decode_batches else []
     if decode_batches and min(decode_batches) < 1:
         raise UserError(f"--decode-batches {args.decode_batches!r}: every batch must be >= 1")
+    paths = None
+    if getattr(args, "decode_paths", None):
+        paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled"))
     if decode_batches or args.eval_samples:
         mla = built_by.get("mla") or [(b, *_model(b, cfg, "mla", args.checkpoint, args.dtype)) for b in backends]
         models = [model for _, model, _ in mla]
         if decode_batches:
             length = min(args.decode_length, cfg.max_tokens)
             result["decode_paths"] = decoding.path_rows(
-                backends, models, cfg, decode_batches, length, args.repeats, args.dtype, progress=progress
+                backends, models, cfg, decode_batches, length, args.repeats, args.dtype, progress=progress, paths=paths
             )
         if args.eval_samples:
-            result["eval"] = decoding.eval_rows(backends, models, cfg, args.eval_samples, None, progress=progress)
+            result["eval"] = decoding.eval_rows(
+                backends, models, cfg, args.eval_samples, None, progress=progress, paths=paths
+            )
     if args.train_steps:
         train_batch = args.train_batch_size or batch
         bf16 = args.train_dtype == "bfloat16"
