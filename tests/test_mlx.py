@@ -226,3 +226,17 @@ def test_plain_rope_equals_the_fused_kernel(offset, t):
     x = mx.random.normal((2, 3, t, 8))
     fused = mx.fast.rope(x, 8, traditional=True, base=10000.0, scale=1.0, offset=offset)
     np.testing.assert_allclose(np.array(rope_plain(x, offset, 10000.0)), np.array(fused), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "0"), ("1", "1")])
+def test_float32_stays_float32_unless_asked(preset, expected):
+    """MLX's CUDA backend would run float32 matmuls as TF32; importing mla_mlx keeps them float32 (a value the
+    user set wins)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_TF32"}
+    if preset is not None:
+        env["MLX_ENABLE_TF32"] = preset
+    code = "import os, mla_mlx; print(os.environ['MLX_ENABLE_TF32'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
