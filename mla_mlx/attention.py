@@ -17,17 +17,46 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import KVCache, LatentCache, QuantizedLatentCache
 
+_ROPE_TABLES: dict = {}
+_ROPE_TABLES_KEPT = 8  # (dim, base, dtype) combinations: a process uses one or two
+
+
+def rope_table(length: int, dim: int, base: float, dtype):
+    """(cos, sin [positions, dim // 2], rotation [positions, dim, dim]) for at least `length` positions, kept for
+    the last few (dim, base, dtype). Computed in numpy: a table first asked for inside mx.compile is then a
+    constant, not a value of the trace."""
+    key = (dim, base, dtype)
+    table = _ROPE_TABLES.pop(key, None)
+    if table is None or table[0].shape[0] < length:
+        n = max(1024, 1 << (length - 1).bit_length())
+        inv_freq = np.float32(base) ** (-np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        angles = np.arange(n, dtype=np.float32)[:, None] * inv_freq
+        cos, sin = np.cos(angles), np.sin(angles)
+        # The same rotation as a matrix, for x @ rotation: pair (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos).
+        rotation = np.zeros((n, dim, dim), dtype=np.float32)
+        i = np.arange(0, dim, 2)
+        rotation[:, i, i], rotation[:, i + 1, i + 1] = cos, cos
+        rotation[:, i, i + 1], rotation[:, i + 1, i] = sin, -sin
+        table = tuple(mx.array(a).astype(dtype) for a in (cos, sin, rotation))
+    _ROPE_TABLES[key] = table
+    while len(_ROPE_TABLES) > _ROPE_TABLES_KEPT:
+        _ROPE_TABLES.pop(next(iter(_ROPE_TABLES)))
+    return table
+
 
 def rope_plain(x: mx.array, offset: int, base: float) -> mx.array:
-    """rope() in plain ops. MLX's CUDA backend fails to capture mx.fast.rope in its graphs at batch >= 64
-    (ml-explore/mlx#3659); these elementwise ops work at any batch."""
+    """rope() in plain ops over a cached table. MLX's CUDA backend fails to capture mx.fast.rope in its graphs at
+    batch >= 64 (ml-explore/mlx#3659); these ops work at any batch. One decoding position is one small matmul,
+    not a dozen elementwise ops (a step makes two per layer)."""
     t, dim = x.shape[-2], x.shape[-1]
-    inv_freq = base ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
-    angles = mx.arange(offset, offset + t, dtype=mx.float32)[:, None] * inv_freq
-    cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+    cos, sin, rotation = rope_table(offset + t, dim, base, x.dtype)
+    if t == 1:
+        return x @ rotation[offset]
+    cos, sin = cos[offset : offset + t], sin[offset : offset + t]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
 

@@ -24,7 +24,14 @@ def predict_tokens(backend, model, images: np.ndarray, batch_size: int = 256, pr
     """Greedy tokens of every image, batch by batch; progress: a bar to advance by the grids read."""
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(backend.generate(model, images[i : i + batch_size], **kwargs))
+        chunk = images[i : i + batch_size]
+        if not backend.on_cpu and 0 < len(chunk) < batch_size and len(images) > batch_size:
+            # A GPU captures or compiles its decoding step per batch shape: the last, shorter batch is padded
+            # with copies of its own first grid (finishing with it) rather than paying for a second capture.
+            pad = np.repeat(chunk[:1], batch_size - len(chunk), axis=0)
+            out.append(backend.generate(model, np.concatenate([chunk, pad]), **kwargs)[: len(chunk)])
+        else:
+            out.append(backend.generate(model, chunk, **kwargs))
         if progress is not None:
             progress.update(len(out[-1]))
     return np.concatenate(out)

@@ -204,3 +204,27 @@ def test_show_wants_a_png_path(grids, tmp_path):
     )
     assert rc == 2 and "does not exist" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_gpu_reads_the_last_short_batch_padded_to_the_batch_shape():
+    """On an accelerator the decoding step is captured per batch shape: the last batch is padded, and the
+    padding never reaches the result."""
+    from mla_mnist.evaluation import predict_tokens
+
+    calls = []
+
+    class Accelerator:
+        on_cpu = False
+
+        def generate(self, model, images, **kwargs):
+            calls.append(len(images))
+            return images[:, 0, :2].astype(np.int64)
+
+    images = np.arange(10 * 3 * 2).reshape(10, 3, 2)
+    out = predict_tokens(Accelerator(), None, images, batch_size=4)
+    assert calls == [4, 4, 4]
+    np.testing.assert_array_equal(out, images[:, 0, :2])
+    calls.clear()
+    Accelerator.on_cpu = True
+    predict_tokens(Accelerator(), None, images, batch_size=4)
+    assert calls == [4, 4, 2]

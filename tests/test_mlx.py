@@ -240,3 +240,18 @@ def test_float32_stays_float32_unless_asked(preset, expected):
     code = "import os, mla_mlx; print(os.environ['MLX_ENABLE_TF32'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_plain_rope_table_made_inside_a_compiled_function_is_a_constant():
+    """The CUDA backend's training step is compiled: the RoPE table first asked for inside it must stay usable
+    after the trace (a traced array kept in the cache would not be)."""
+    from mla_mlx import attention
+
+    attention._ROPE_TABLES.clear()
+    x = mx.random.normal((2, 1, 1, 8))
+    compiled = mx.compile(lambda x: attention.rope_plain(x, 7, 10000.0))
+    inside = np.array(compiled(x))
+    outside = np.array(attention.rope_plain(x, 7, 10000.0))  # reads the table the trace made
+    fused = np.array(mx.fast.rope(x, 8, traditional=True, base=10000.0, scale=1.0, offset=7))
+    np.testing.assert_allclose(inside, fused, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(outside, fused, atol=2e-5, rtol=1e-5)
