@@ -6,6 +6,7 @@ import json
 import pytest
 
 from convert import ModelConfig
+from convert.checkpoint import SHIPPED
 from convert.flops import encoder_flops
 from mla_mnist.bench import COLUMNS
 from mla_mnist.cli import main
@@ -86,6 +87,15 @@ def test_small_bench_writes_every_row_column_and_plot(tmp_path, capsys):
         "MLA int8 latent, float32 model": r + 4 + pe * 4,
         "MLA int8 latent, float16 model": r + 2 + pe * 2,
     }
+    # Decoding paths: every path the device has, at each default batch, tokens equal to the loop's.
+    paths = {(r["framework"], r["batch"], r["path"]): r for r in result["decode_paths"]}
+    assert set(paths) == {
+        (fw, b, p)
+        for fw, ps in (("torch", ("off", "eager")), ("mlx", ("off", "eager", "compiled")))
+        for b in (1, 4, 64)
+        for p in ps
+    }
+    assert all(r["tokens_match_off"] and r["ms_per_token"] > 0 and 0 < r["bound_ms"] for r in paths.values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| torch | absorbed | mla | 3 |" in printed and "| torch | expanded | gqa | 3 |" in printed
@@ -137,6 +147,9 @@ def test_generation_rows_interleave_modes_and_frameworks_repeat_by_repeat():
         (["--lengths", "ten"], "--lengths"),
         (["--frameworks", "jax"], "--frameworks"),
         (["--preset", "huge"], "invalid choice"),
+        (["--decode-batches", "0"], "--decode-batches"),
+        (["--decode-paths", "warp"], "--decode-paths"),
+        (["--attentions", "mqa"], "--attentions"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv, message, capsys):
@@ -165,3 +178,32 @@ def test_encoder_flops_match_torch_flop_counter(preset, attention):
     t, h = cfg.enc_tokens, cfg.heads
     attention_flops = cfg.enc_layers * 2 * (2 * h * t * t * cfg.head_dim)
     assert sum(counted.values()) + attention_flops == encoder_flops(cfg)
+
+
+def test_a_trained_checkpoint_gets_real_reading_and_eval_rows(tmp_path):
+    """With a checkpoint, bench also reads real grids of its task (early stop) and scores an evaluation through
+    every path; the read-outs of the paths agree."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--checkpoint", str(SHIPPED), "--frameworks", "torch", "--lengths", "3", "--repeats", "1"]
+    argv += ["--train-steps", "0", "--render-batch", "0", "--attentions", "mla", "--decode-batches", "2"]
+    assert main([*argv, "--decode-length", "4", "--eval-samples", "8", "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert [r["path"] for r in result["real"]] == ["off", "eager"]
+    assert len({(r["exact_match"], r["digit_accuracy"]) for r in result["real"]}) == 1
+    assert all(r["grids_per_s"] > 0 and r["mean_digits"] > 0 for r in result["real"])
+    assert [r["path"] for r in result["eval"]] == ["off", "eager"] and result["eval"][0]["digit_accuracy"] > 0.9
+    assert all(r["tokens_match_off"] for r in result["decode_paths"])
+
+
+def test_decode_step_cost_grows_with_the_batch_by_its_per_row_bytes():
+    """What a decoding step must read: the weights once, then per row the embedding, the latent cache rows up to
+    the position (length / 2 on average) and the cross-attention latent."""
+    from convert.flops import decode_step_cost
+
+    cfg = ModelConfig.preset("seed")
+    one, two = decode_step_cost(cfg, 1, 50), decode_step_cost(cfg, 2, 50)
+    per_row = cfg.d_model + cfg.dec_layers * (
+        25 * (cfg.dec_kv_rank + cfg.rope_dim) + cfg.enc_tokens * cfg.cross_kv_rank
+    )
+    assert two["bytes"] - one["bytes"] == 4 * per_row
+    assert two["flops"] > one["flops"] > 2 * (one["weight_bytes"] // 4 - cfg.d_model)

@@ -99,3 +99,40 @@ def eval_rows(backends, models, cfg, samples, batch_size, data_dir=None, progres
             if progress is not None:
                 progress.note(f"{backend.name} eval {path}: {samples / seconds:,.0f} grids/s")
     return rows
+
+
+def real_rows(backends, models, cfg, batch, repeats, data_dir=None, paths=None, progress=None) -> list[dict]:
+    """A trained model reading `batch` real test grids of its own task, greedy, stopping once every row has written
+    <finish> (what a user waits for; the encoder included), through each path, the paths taking turns: grids/s,
+    seconds per batch and the tokens it generated, beside the forced-length rows."""
+    images, truth = eval_set("test", cfg.grid, batch, data_dir, raw=True)
+    rows = []
+    for backend, model in zip(backends, models):
+        x, mine = backend.array(images), paths_of(backend, paths)
+        for path in mine:  # warm-up: capture, compile
+            backend.generate(model, x, static=path)
+        times, out = {path: [] for path in mine}, {}
+        for _ in range(repeats):
+            for path in mine:
+                out[path], seconds = timed(
+                    backend, lambda path=path, b=backend, m=model, x=x: b.generate(m, x, static=path)
+                )
+                times[path].append(seconds)
+        for path in mine:
+            seconds, pred = statistics.median(times[path]), out[path]
+            m = evaluate(decode(pred), decode(truth))
+            rows.append(
+                {
+                    "framework": backend.name,
+                    "path": path,
+                    "batch": batch,
+                    "seconds_per_batch": seconds,
+                    "grids_per_s": batch / seconds,
+                    "mean_digits": float(np.mean([len(d) for d in decode(pred)])),
+                    "exact_match": m["exact_match"],
+                    "digit_accuracy": m["digit_accuracy"],
+                }
+            )
+            if progress is not None:
+                progress.note(f"{backend.name} real reading {path}: {batch / seconds:,.1f} grids/s")
+    return rows

@@ -60,6 +60,19 @@ def format_report(result) -> str:
             f"{'yes' if r['tokens_match_off'] else 'NO'} |"
             for r in result["decode_paths"]
         ]
+    if result.get("real"):
+        lines += [
+            "",
+            "reading real test grids of the model's task: greedy, stopping at <finish>, encoder included",
+            "",
+            "| framework | path | batch | grids/s | s per batch | mean digits read | exact match |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['framework']} | {r['path']} | {r['batch']} | {r['grids_per_s']:,.1f} | "
+            f"{r['seconds_per_batch']:.3f} | {r['mean_digits']:.1f} | {r['exact_match']:.2%} |"
+            for r in result["real"]
+        ]
     if result.get("eval"):
         lines += ["", "| framework | eval path | batch | grids | grids/s | exact match | digit accuracy |"]
         lines += ["|---|---|---|---|---|---|---|"]

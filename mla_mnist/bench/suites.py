@@ -380,13 +380,17 @@ def run(args):
     paths = None
     if getattr(args, "decode_paths", None):
         paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled"))
-    if decode_batches or args.eval_samples:
+    if decode_batches or args.eval_samples or args.checkpoint is not None:
         mla = built_by.get("mla") or [(b, *_model(b, cfg, "mla", args.checkpoint, args.dtype)) for b in backends]
         models = [model for _, model, _ in mla]
         if decode_batches:
             length = min(args.decode_length, cfg.max_tokens)
             result["decode_paths"] = decoding.path_rows(
                 backends, models, cfg, decode_batches, length, args.repeats, args.dtype, progress=progress, paths=paths
+            )
+        if args.checkpoint is not None:  # a trained model: what reading real grids costs, early stop included
+            result["real"] = decoding.real_rows(
+                backends, models, cfg, batch, args.repeats, progress=progress, paths=paths
             )
         if args.eval_samples:
             result["eval"] = decoding.eval_rows(
