@@ -6,9 +6,7 @@ import mlx.core as mx
 
 from mnist_grid.tokens import FINISH, PAD, START
 
-from .static_decode import static_decoder
-
-STATIC = ("off", "eager", "graph", "compiled")
+from .static_decode import HOWS, static_decoder
 
 
 def sample(logits, temperature: float, top_k: int | None, key):
@@ -34,23 +32,29 @@ def decode_mode(model, mode: str | None, quantize_cache: bool = False) -> str:
     return mode
 
 
-def static_how(static: str | None, mode: str, temperature: float, quantize_cache: bool, return_cache: bool) -> str:
-    """generate()'s `static`, checked: None picks "compiled" on a GPU where the static step applies, else "off"."""
-    why = None
+def _static_blocker(mode: str, temperature: float, quantize_cache: bool, return_cache: bool) -> str | None:
+    """Why the static decoder cannot serve this call, or None."""
     if mode != "absorbed":
-        why = f"it is the absorbed step, not mode={mode!r}"
-    elif temperature > 0:
-        why = "it is greedy only (temperature 0)"
-    elif quantize_cache:
-        why = "its cache is float, not quantize_cache"
-    elif return_cache:
-        why = "it keeps no DecoderCache to return (return_cache)"
+        return f"mode {mode!r} (it is the absorbed step)"
+    if temperature > 0:
+        return "temperature > 0 (it is greedy)"
+    if quantize_cache:
+        return "quantize_cache (its cache is float)"
+    if return_cache:
+        return "return_cache (it keeps no DecoderCache)"
+    return None
+
+
+def static_how(model, static: str | None, mode: str, temperature: float, quantize_cache: bool, return_cache: bool):
+    """How this call decodes: "off" (the loop below) or the StaticDecoder's `how`; None picks "compiled" on a
+    GPU where it applies, else "off"."""
+    if static not in (None, "off", *HOWS):
+        raise ValueError(f"static must be None, 'off' or one of {', '.join(HOWS)}, got {static!r}")
+    blocker = _static_blocker(mode, temperature, quantize_cache, return_cache)
     if static is None:
-        return "compiled" if why is None and mx.default_device() == mx.gpu else "off"
-    if static not in STATIC:
-        raise ValueError(f"static must be None or one of {', '.join(STATIC)}, got {static!r}")
-    if static != "off" and why is not None:
-        raise ValueError(f"static={static!r} does not apply: {why}")
+        return "compiled" if blocker is None and mx.default_device() == mx.gpu else "off"
+    if static != "off" and blocker is not None:
+        raise ValueError(f"static={static!r} does not apply with {blocker}: use static='off'")
     return static
 
 
@@ -92,7 +96,7 @@ def generate(
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    static = static_how(static, mode, temperature, quantize_cache, return_cache)
+    static = static_how(model, static, mode, temperature, quantize_cache, return_cache)
     was_training = model.training
     model.eval()
     enc = model.encode(mx.array(images)) if encoded is None else encoded

@@ -11,24 +11,10 @@ import mlx.core as mx
 
 from mnist_grid.tokens import FINISH, PAD, START
 
-from .attention import absorb, dense_weight, latent_attention
+from .attention import absorb, dense_weight, latent_attention, rope_table
 
 HOWS = ("eager", "graph", "compiled")
-MAX_DECODERS = 4  # per model: the eval batch and its last, shorter batch, at one or two lengths
-
-
-def rope_table(length: int, dim: int, base: float):
-    """cos, sin [length, dim / 2] for positions 0..length-1, computed as attention.rope_plain computes them."""
-    inv_freq = base ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
-    angles = mx.arange(length, dtype=mx.float32)[:, None] * inv_freq
-    return mx.cos(angles), mx.sin(angles)
-
-
-def rope_at(x, cos, sin):
-    """Rotary embedding of x [..., dim] at one position, given that position's cos, sin [dim / 2]."""
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+_KEPT = 4  # decoders per model: one per eval batch shape, each with its compiled step
 
 
 class StaticDecoder:
@@ -38,7 +24,7 @@ class StaticDecoder:
         if how == "graph":
             raise ValueError("MLX has no explicit graph capture; its CUDA backend builds graphs itself: use compiled")
         if how not in HOWS:
-            raise ValueError(f"static decoding is one of {', '.join(HOWS)}, got {how!r}")
+            raise ValueError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
         if "absorbed" not in model.decode_modes:
             raise ValueError(f"static decoding needs an MLA model (the absorbed step), not {model.config.attention}")
         if max_length < 2:
@@ -51,7 +37,8 @@ class StaticDecoder:
         self.caches = [mx.zeros((b, length, cfg.dec_kv_rank + cfg.rope_dim), dtype=dtype) for _ in range(layers)]
         self.memories = [mx.zeros((b, cfg.enc_tokens, cfg.cross_kv_rank), dtype=dtype) for _ in range(layers)]
         self.weights = None  # per layer the fused q_a | kv_a projection and the absorbed ones: set by run()
-        self.cos, self.sin = rope_table(length, cfg.rope_dim, cfg.rope_base)
+        # The same table rope() reads, so each position's rotation is the one the loop applies on CUDA.
+        self.rotation = rope_table(length, cfg.rope_dim, cfg.rope_base, dtype)[2][:length]
         self.tokens = mx.full((b, length), PAD, dtype=mx.int32)
         self.finished = mx.zeros((b,), dtype=mx.bool_)
         self.position = mx.array(0, dtype=mx.int32)
@@ -70,8 +57,8 @@ class StaticDecoder:
             weights.append(
                 {
                     "w_a": w_a.astype(self.dtype),
-                    "w_q": absorbed.w_q,
-                    "w_o": absorbed.w_o,
+                    "self_q": absorbed.w_q,
+                    "self_o": absorbed.w_o,
                     "cross_q": memory.absorbed.w_q,
                     "cross_o": memory.absorbed.w_o,
                 }
@@ -84,22 +71,22 @@ class StaticDecoder:
         rows = mx.arange(self.max_length)
         write = (rows == position)[None, :, None]  # the cache row of this position
         visible = (rows <= position)[None, None, None, :]  # the rows written so far: attention's mask
-        cos, sin = mx.take(self.cos, position, axis=0), mx.take(self.sin, position, axis=0)
+        rotation = mx.take(self.rotation, position, axis=0)  # [rope, rope]
         x = model.token_embed(mx.take(tokens, position[None], axis=1))  # [B, 1, d]
         new_caches = []
         for layer, w, memory, cache in zip(model.decoder, weights, memories, caches):
             attn, b = layer.self_attn, x.shape[0]
             q_a, c, k_pe = mx.split(layer.norm1(x) @ w["w_a"], [self.q_rank, self.q_rank + r], axis=-1)
-            kv = mx.concatenate([attn.kv_a_norm(c), rope_at(k_pe, cos, sin)], axis=-1)
+            kv = mx.concatenate([attn.kv_a_norm(c), k_pe @ rotation], axis=-1)
             cache = mx.where(write, kv, cache)
             new_caches.append(cache)
-            q = (attn.q_a_norm(q_a) @ w["w_q"]).reshape(b, 1, attn.heads, -1)
-            q = mx.concatenate([q[..., :r], rope_at(q[..., r:], cos, sin)], axis=-1)
+            q = (attn.q_a_norm(q_a) @ w["self_q"]).reshape(b, 1, attn.heads, -1)
+            q = mx.concatenate([q[..., :r], q[..., r:] @ rotation], axis=-1)
             # latent_attention over all rows, the unwritten ones masked: heads on the query axis, one shared key
             out = mx.fast.scaled_dot_product_attention(
                 q, cache[:, None], cache[:, None, :, :r], scale=1.0, mask=visible
             )
-            x = x + out.reshape(b, 1, -1) @ w["w_o"]
+            x = x + out.reshape(b, 1, -1) @ w["self_o"]
             q = (layer.norm2(x) @ w["cross_q"]).reshape(b, 1, attn.heads, -1)
             x = x + latent_attention(q, memory, memory, attn.heads) @ w["cross_o"]
             x = x + layer.mlp(layer.norm3(x))
@@ -113,7 +100,7 @@ class StaticDecoder:
     def run(self, enc, stop: bool = True, check_every: int = 8):
         """enc [batch, 1 + N, d] -> greedy tokens [batch, max_length], as generate(mode="absorbed") gives them."""
         if enc.shape[0] != self.batch:
-            raise ValueError(f"this static decoder is for batch {self.batch}, got {enc.shape[0]}")
+            raise ValueError(f"this StaticDecoder decodes batches of {self.batch}, got {enc.shape[0]}")
         memories = self.model.memories(enc, absorbed=True)
         self.memories = [m.c for m in memories]
         self.weights = self._prepare(memories)
@@ -133,12 +120,12 @@ class StaticDecoder:
 
 
 def static_decoder(model, batch: int, max_length: int, how: str) -> StaticDecoder:
-    """The model's StaticDecoder for (batch, max_length, dtype, how), made on first use; at most MAX_DECODERS are
+    """The model's StaticDecoder for (batch, max_length, dtype, how), made on first use; at most _KEPT are
     kept, the oldest dropped. They live in the instance __dict__, outside the module's parameter tree."""
     decoders = model.__dict__.setdefault("_static_decoders", {})
     key = (batch, max_length, model.decoder[0].self_attn.kv_b_proj.weight.dtype, how)
     if key not in decoders:
-        if len(decoders) >= MAX_DECODERS:
+        if len(decoders) >= _KEPT:
             decoders.pop(next(iter(decoders)))
         decoders[key] = StaticDecoder(model, batch, max_length, how)
     return decoders[key]

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from convert import ModelConfig  # noqa: E402
 from mla_mlx import checkpoint as ckpt  # noqa: E402
 from mla_mlx.generate import generate  # noqa: E402
-from mla_mlx.static_decode import MAX_DECODERS, StaticDecoder, static_decoder  # noqa: E402
+from mla_mlx.static_decode import _KEPT, StaticDecoder, static_decoder  # noqa: E402
 from mnist_grid import FINISH, PAD, START, GridStream  # noqa: E402
 
 TINY = ModelConfig.preset("tiny")
@@ -93,12 +93,12 @@ def test_static_decoder_follows_changed_weights(how):
 
 def test_parameters_unchanged_and_decoders_kept_per_shape(model):
     names = [k for k, _ in tree_flatten(model.parameters())]
-    for b in range(1, MAX_DECODERS + 3):
+    for b in range(1, _KEPT + 3):
         generate(model, _images(TINY, b), static="eager")
     assert [k for k, _ in tree_flatten(model.parameters())] == names
     assert [k for k, _ in tree_flatten(model.trainable_parameters())] == names
     decoders = model.__dict__["_static_decoders"]
-    assert len(decoders) == MAX_DECODERS and (MAX_DECODERS + 2, TINY.max_tokens, mx.float32, "eager") in decoders
+    assert len(decoders) == _KEPT and (_KEPT + 2, TINY.max_tokens, mx.float32, "eager") in decoders
 
 
 def test_where_static_decoding_does_not_apply(model):
@@ -122,7 +122,7 @@ def test_where_static_decoding_does_not_apply(model):
         generate(mha, images, static="compiled")
     with pytest.raises(ValueError, match="needs an MLA model"):
         StaticDecoder(mha, 2, TINY.max_tokens, "eager")
-    with pytest.raises(ValueError, match="batch 3"):
+    with pytest.raises(ValueError, match="batches of 3"):
         StaticDecoder(model, 3, TINY.max_tokens, "eager").run(model.encode(images))
 
 
