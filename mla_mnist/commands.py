@@ -173,6 +173,12 @@ def cmd_eval(args):
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir, raw=True)
     batch = args.batch_size or (64 if backend.on_cpu else 1024)  # a CPU is busy at 64; a GPU needs thousands
     static = None if args.static == "auto" else args.static
+    if static not in (None, "off") and static not in backend.static_paths:
+        raise UserError(
+            f"--static {static}: {backend.name} on {backend.device} decodes with {', '.join(backend.static_paths)}"
+        )
+    if static not in (None, "off") and args.quantize_cache:
+        raise UserError(f"--static {static} decodes with a float cache: drop --quantize-cache or use --static off")
     start = time.perf_counter()
     m = evaluate_model(
         backend, model, images, tokens, batch, quiet=args.quiet, quantize_cache=args.quantize_cache, static=static
@@ -197,7 +203,12 @@ def cmd_eval(args):
         print(f"{args.checkpoint} on {args.samples} {args.split} grids ({backend.name}, {args.dtype}):")
         print(format_table(m))
         print(f"exact match {m['exact_match']:.2%}  digit accuracy {m['digit_accuracy']:.2%}")
-        print(f"read in {seconds:.1f} s ({m['grids_per_s']:,.0f} grids/s, batch {batch})")
+        rate = m["grids_per_s"]
+        print(
+            f"read in {seconds:.1f} s ({rate:,.0f} grids/s, batch {batch})"
+            if rate >= 100
+            else f"read in {seconds:.1f} s ({rate:.1f} grids/s, batch {batch})"
+        )
 
 
 def cmd_make_grid(args):

@@ -564,6 +564,19 @@ NUMBER_CASES = {
     "bench --train-batch-size beyond 64 bits": (["bench", "--train-batch-size", BIG], "--train-batch-size"),
     "bench --repeats beyond 64 bits": (["bench", "--repeats", BIG], "--repeats"),
     "bench --threads over the limit": (["bench", "--threads", "100000"], "--threads"),
+    "bench --decode-length 1": (["bench", "--decode-length", "1"], "--decode-length 1: at least 2"),
+    "bench --decode-length beyond 64 bits": (["bench", "--decode-length", BIG], "--decode-length"),
+    "bench --decode-batches 0": (["bench", "--decode-batches", "1,0"], "--decode-batches"),
+    "bench --decode-paths unknown": (["bench", "--decode-paths", "graph,warp"], "--decode-paths"),
+    "bench --eval-samples beyond 64 bits": (["bench", "--eval-samples", BIG], "--eval-samples"),
+    "eval --static a path the CPU lacks": (
+        ["eval", "CK", "--framework", "torch", "--static", "graph"],
+        "--static graph: torch on cpu decodes with off, eager",
+    ),
+    "eval --static with the int8 cache": (
+        ["eval", "CK", "--framework", "torch", "--static", "eager", "--quantize-cache"],
+        "drop --quantize-cache",
+    ),
 }
 
 

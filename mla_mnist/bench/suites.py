@@ -292,6 +292,14 @@ def run(args):
     lengths = parse_list(args.lengths, "--lengths", int)
     if min(lengths) < 2:
         raise UserError(f"--lengths {args.lengths!r}: every length must be >= 2 (<start> plus one token)")
+    decode_batches = parse_list(args.decode_batches, "--decode-batches", int) if args.decode_batches else []
+    if decode_batches and args.decode_length < 2:
+        raise UserError(f"--decode-length {args.decode_length}: at least 2 (<start> plus one token)")
+    if decode_batches and min(decode_batches) < 1:
+        raise UserError(f"--decode-batches {args.decode_batches!r}: every batch must be >= 1")
+    paths = None
+    if getattr(args, "decode_paths", None):
+        paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled"))
     backends = _backends(args)
     if args.checkpoint is not None:
         cfg, _ = checkpoint.read_config(args.checkpoint)
@@ -374,12 +382,6 @@ def run(args):
         )
         for e in info["encoder"].values():
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
-    decode_batches = parse_list(args.decode_batches, "--decode-batches", int) if args.decode_batches else []
-    if decode_batches and min(decode_batches) < 1:
-        raise UserError(f"--decode-batches {args.decode_batches!r}: every batch must be >= 1")
-    paths = None
-    if getattr(args, "decode_paths", None):
-        paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled"))
     if decode_batches or args.eval_samples or args.checkpoint is not None:
         mla = built_by.get("mla") or [(b, *_model(b, cfg, "mla", args.checkpoint, args.dtype)) for b in backends]
         models = [model for _, model, _ in mla]
