@@ -92,9 +92,8 @@ class StaticDecoder:
                 )
             )
         # The same table rope() reads, so the rotation of each position is bit-identical to the eager step's.
-        self._rotation = rope_table(max_length, cfg.rope_dim, cfg.rope_base, self.device, self.dtype)[2][
-            :max_length
-        ].clone()
+        table = rope_table(max_length, cfg.rope_dim, cfg.rope_base, self.device, self.dtype)
+        self._cos, self._sin, self._rotation = (t[:max_length].clone() for t in table)
         self._positions = torch.arange(max_length, device=self.device)
         self._tokens = torch.full((batch, max_length), PAD, dtype=torch.long, device=self.device)
         self._finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -116,7 +115,19 @@ class StaticDecoder:
         token at tokens[:, p + 1], advance p. Fixed shapes, no host sync: captured once, replayed per position."""
         b, h, r, pe = self.batch, self.heads, self.kv_rank, self.rope_dim
         at = self._pos.view(1)
-        rotation = self._rotation.index_select(0, at).view(pe, pe)
+        if self.how == "compiled":  # elementwise: Inductor fuses it with its neighbours, two matmuls fewer a layer
+            cos, sin = self._cos.index_select(0, at), self._sin.index_select(0, at)
+
+            def rotate(x):
+                x1, x2 = x[..., 0::2], x[..., 1::2]
+                return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+        else:  # one small matmul: one kernel where the elementwise form launches half a dozen
+            rotation = self._rotation.index_select(0, at).view(pe, pe)
+
+            def rotate(x):
+                return x @ rotation
+
         future = self._positions > self._pos  # cache rows not written yet: masked out of every softmax
         embed, final_norm, head_w, head_b = self._top
         x = F.embedding(self._tokens.index_select(1, at), embed)  # [B, 1, d]
@@ -124,10 +135,10 @@ class StaticDecoder:
             norm1, q_a_norm, kv_a_norm, norm2, norm3, fc1_w, fc1_b, fc2_w, fc2_b = s.params
             # Self-attention, absorbed (MLASelfAttention.step).
             q_a, c, k_pe = F.linear(_layer_norm(x, norm1), s.w_a).split([self.q_rank, r, pe], dim=-1)
-            kv = torch.cat([_layer_norm(c, kv_a_norm), k_pe @ rotation], dim=-1)
+            kv = torch.cat([_layer_norm(c, kv_a_norm), rotate(k_pe)], dim=-1)
             s.kv.index_copy_(1, at, kv)
             q = (_layer_norm(q_a, q_a_norm) @ s.self_q).view(b, h, 1, -1)
-            q[..., r:] = q[..., r:] @ rotation
+            q[..., r:] = rotate(q[..., r:])
             scores = torch.bmm(q.view(b, h, -1), s.kv.transpose(1, 2)).masked_fill(future, float("-inf"))
             x = x + torch.bmm(scores.softmax(-1), s.kv[..., :r]).view(b, 1, -1) @ s.self_o
             # Cross-attention over the latent memory (MLACrossAttention.forward with a LatentMemory).

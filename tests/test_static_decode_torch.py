@@ -124,3 +124,19 @@ def test_other_misuse_is_one_clear_error(model):
         StaticDecoder(model, 2, 4, "eager").run(model.encode(images))
     with pytest.raises(ValueError, match="mode 'expanded'"):  # an MHA model's default mode is the expanded cache
         mla_torch.generate(mla_torch.build(ModelConfig.preset("tiny", attention="gqa")), images, static="eager")
+
+
+@pytest.mark.slow
+def test_compiled_static_step_reads_the_same_tokens(model):
+    """torch.compile of the step (its RoPE elementwise, for Inductor to fuse) gives the loop's tokens; on CUDA the
+    same compiled step is then captured in a graph. Inductor builds it once for both calls (tens of seconds)."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("Inductor needs a C compiler on the CPU")
+    for seed in (20, 21):
+        images = _images(model, 2, seed=seed)
+        want = mla_torch.generate(model, images, max_length=7, static="off")
+        torch.testing.assert_close(
+            mla_torch.generate(model, images, max_length=7, static="compiled"), want, rtol=0, atol=0
+        )
