@@ -52,18 +52,25 @@ def _check_bf16(device):
 class Trainer:
     """AdamW (bias-corrected, decoupled decay on every parameter), warm-up + cosine, global-norm clipping."""
 
-    def __init__(self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1, compile: bool = False):
+    def __init__(
+        self, model, tc: TrainConfig, device="cpu", bf16: bool = False, world: int = 1, compile: bool | str = False
+    ):
         # world > 1: one of `world` data-parallel ranks (torch.distributed initialised); DDP sums gradients.
-        # compile: compile each encoder and decoder layer in place. The layers of a stack are alike, so they
-        # share one compiled graph: the cold start costs about one layer of each kind, not the whole model.
-        # Module names (checkpoints, optimizer state) are unchanged; evaluation runs eager (see _eager).
+        # compile: True or "layers" compiles each encoder and decoder layer in place. The layers of a stack are
+        # alike, so they share one compiled graph: the cold start costs about one layer of each kind, not the
+        # whole model. "model": the whole training forward as one graph (a longer cold start, fusion across the
+        # layers). Module names (checkpoints, optimizer state) are unchanged; evaluation runs eager (see _eager).
+        if compile not in (False, True, "layers", "model"):
+            raise ValueError(f"compile must be False, True, 'layers' or 'model', got {compile!r}")
         self.model, self.tc, self.device, self.world = model, tc, torch.device(device), world
         self.net = model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.compiled = compile
-        if compile:
+        self.compiled = bool(compile)
+        if compile == "model":
+            self.net = torch.compile(self.net)
+        elif compile:
             for layer in (*model.encoder, *model.decoder):
                 layer.compile()
         self.bf16 = bf16

@@ -101,6 +101,23 @@ def test_torch_compile_keeps_state_names(batches, monkeypatch):
     assert not torch._dynamo.utils.counters["frames"]["total"]  # nothing traced for evaluation
 
 
+def test_torch_compile_of_the_whole_model_keeps_state_names(batches, monkeypatch):
+    """compile="model" (one graph for the whole training forward, to compare with the per-layer default) wraps
+    the forward only: names and losses stay; an unknown mode is refused."""
+    torch = pytest.importorskip("torch")
+    compile_ = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or compile_(fn, backend="aot_eager"))
+    plain, *_ = _torch(False)
+    trainer, *_ = _torch(False, compile="model")
+    assert len(compiled) == 1 and trainer.net is not trainer.model
+    assert list(trainer.model.state_dict()) == list(plain.model.state_dict())
+    x, y = batches[0]
+    assert float(trainer.step(x, y)[0]) == pytest.approx(float(plain.step(x, y)[0]), rel=1e-4)
+    with pytest.raises(ValueError, match="compile must be"):
+        _torch(False, compile="everything")
+
+
 @pytest.mark.slow
 def test_torch_compile_with_inductor(batches):
     """The default backend, code-generated on the CPU (needs a C compiler): the tiny model still trains."""
