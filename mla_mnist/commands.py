@@ -160,7 +160,7 @@ def _weights_file(which):
 def cmd_eval(args):
     from mnist_grid import format_table
 
-    from .evaluation import eval_set, evaluate_model
+    from .evaluation import default_batch, eval_set, evaluate_model
 
     backend = get_backend(args.framework or default_framework(), args.device)
     model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=args.dtype)
@@ -171,7 +171,7 @@ def cmd_eval(args):
         )
     # uint8 grids: the same pixels as float32 (the model scales them on its device), a quarter of the bytes
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir, raw=True)
-    batch = args.batch_size or (64 if backend.on_cpu else 1024)  # a CPU is busy at 64; a GPU needs thousands
+    batch = args.batch_size or default_batch(backend)
     static = None if args.static == "auto" else args.static
     if static not in (None, "off") and static not in backend.static_paths:
         raise UserError(

@@ -13,7 +13,7 @@ import numpy as np
 from convert.flops import decode_step_cost
 from mnist_grid import decode, evaluate
 
-from ..evaluation import eval_set, predict_tokens
+from ..evaluation import default_batch, eval_set, predict_tokens
 from .timing import timed
 
 
@@ -78,7 +78,7 @@ def eval_rows(backends, models, cfg, samples, batch_size, data_dir=None, progres
     images, tokens = eval_set("test", cfg.grid, samples, data_dir, raw=True)
     truth, rows = decode(tokens), []
     for backend, model in zip(backends, models):
-        batch = batch_size or (64 if backend.on_cpu else 1024)
+        batch = batch_size or default_batch(backend)
         for path in paths_of(backend, paths):
             predict_tokens(backend, model, images[:batch], batch, static=path)  # capture / compile / warm-up
             start = time.perf_counter()
