@@ -35,6 +35,21 @@ METRICS = "metrics.json"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 # The shipped model, installed beside these packages: the default of every loader and command that takes one.
 SHIPPED = Path(__file__).resolve().parents[1] / "mla_mnist" / "checkpoints" / "small"
+
+
+def shipped() -> dict[str, Path]:
+    """The checkpoints that ship with the package, by name (their directory's name)."""
+    return {p.name: p for p in sorted(SHIPPED.parent.iterdir()) if (p / CONFIG).is_file()}
+
+
+def by_name(text) -> Path:
+    """A checkpoint argument: the path as given, or, where nothing exists there, a shipped checkpoint's name."""
+    path = Path(text)
+    if not path.exists() and str(text) in shipped():
+        return shipped()[str(text)]
+    return path
+
+
 JSON_LIMIT = 64_000_000  # bytes: config.json, metrics.json and train_state.json are far smaller
 _PID_SUFFIX = re.compile(r"-(\d+)$")
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from convert.checkpoint import FLOAT_DTYPES
+from convert.checkpoint import FLOAT_DTYPES, by_name, shipped
 from convert.errors import UserError, one_line
 from convert.formats import ACCEPTED as ACCEPTED_SOURCES
 from convert.presets import DEFAULT_PRESET, PRESETS, preset_help
@@ -175,6 +175,11 @@ EXAMPLES = {
 STATIC_PATHS = ("auto", "off", "eager", "graph", "compiled")  # generate(static=...); auto is None
 
 
+def resolve_checkpoint(text: str) -> Path:
+    """A checkpoint path, or the name of a shipped checkpoint where nothing exists at that path."""
+    return by_name(text)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -205,9 +210,9 @@ def build_parser() -> Parser:
         sp.add_argument(
             "checkpoint",
             nargs="?",
-            type=Path,
+            type=resolve_checkpoint,
             default=DEFAULT_CHECKPOINT,
-            help="a checkpoint directory (default: the shipped small model)",
+            help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
         )
 
     t = command("train", "train a model")
@@ -243,7 +248,11 @@ def build_parser() -> Parser:
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
     t.add_argument("--force", action="store_true", help="start a new run over an existing --out checkpoint")
     t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")
-    t.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimiser: fine-tuning)")
+    t.add_argument(
+        "--init",
+        type=resolve_checkpoint,
+        help="start from this checkpoint's weights, or a shipped one's (fresh optimiser: fine-tuning)",
+    )
     t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: per epoch)")
     t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N, schedule unchanged (0: never)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 weights and optimiser state")
@@ -285,9 +294,9 @@ def build_parser() -> Parser:
     common(pr)
     pr.add_argument(
         "--checkpoint",
-        type=Path,
+        type=resolve_checkpoint,
         default=DEFAULT_CHECKPOINT,
-        help="a checkpoint directory (default: the shipped small model)",
+        help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
     )
     pr.add_argument("--json", action="store_true", help="print one JSON list")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -335,7 +344,11 @@ def build_parser() -> Parser:
 
     b = command("bench", "generation and training throughput, cache bytes (JSON, table, plot)")
     b.add_argument("--preset", choices=PRESETS, default="seed", help="random weights of this preset's model")
-    b.add_argument("--checkpoint", type=Path, help="a trained checkpoint instead of --preset")
+    b.add_argument(
+        "--checkpoint",
+        type=resolve_checkpoint,
+        help="a trained checkpoint (or a shipped one's name) instead of --preset",
+    )
     b.add_argument("--batch-size", type=positive_int, default=4, help="grids per generate call")
     b.add_argument("--lengths", default="10,20,30,50", help="forced generation lengths, comma-separated")
     b.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
@@ -405,9 +418,9 @@ def build_parser() -> Parser:
     i.add_argument(
         "checkpoint",
         nargs="?",
-        type=Path,
+        type=resolve_checkpoint,
         default=DEFAULT_CHECKPOINT,
-        help="a checkpoint directory (default: the shipped small model)",
+        help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
     )
     i.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -428,10 +441,10 @@ def parity_parser(sub):
     )
     q.add_argument(
         "reference",
-        type=Path,
+        type=resolve_checkpoint,
         help="checkpoint directory (quantized too), .pt/.npz/.safetensors, or an original-format state_dict",
     )
-    q.add_argument("candidate", type=Path, nargs="?", help="the same kinds; default REFERENCE")
+    q.add_argument("candidate", type=resolve_checkpoint, nargs="?", help="the same kinds; default REFERENCE")
     q.add_argument(
         "--frameworks", help=f"one or two of {', '.join(FRAMEWORKS)} (default: those installed, in that order)"
     )

@@ -255,7 +255,7 @@ def cmd_show(args):
     if len(args.args) > 2:
         raise UserError(f"show takes [CHECKPOINT] IMAGE, got {len(args.args)} paths")
     ckpt, image = (DEFAULT_CHECKPOINT, *args.args) if len(args.args) == 1 else args.args
-    digits = show(Path(ckpt), Path(image), args.out, args.device, _predict_framework(args), args.layers)
+    digits = show(checkpoint.by_name(ckpt), Path(image), args.out, args.device, _predict_framework(args), args.layers)
     print(f"{image}: {digits} (attention maps in {args.out})")
 
 

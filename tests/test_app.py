@@ -228,3 +228,19 @@ def test_a_gpu_reads_the_last_short_batch_padded_to_the_batch_shape():
     Accelerator.on_cpu = True
     predict_tokens(Accelerator(), None, images, batch_size=4)
     assert calls == [4, 4, 2]
+
+
+def test_a_shipped_checkpoint_by_name_unless_a_path_of_that_name_exists(tmp_path, monkeypatch, capsys):
+    """`small` names the shipped checkpoint wherever a checkpoint is read; a directory of that name in the working
+    directory wins (an existing path is never reinterpreted)."""
+    from convert import checkpoint
+    from mla_mnist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.by_name("small") == checkpoint.SHIPPED and "small" in checkpoint.shipped()
+    assert main(["info", "small"]) == 0
+    assert str(checkpoint.SHIPPED) in capsys.readouterr().out
+    (tmp_path / "small").mkdir()
+    assert checkpoint.by_name("small") == tmp_path.joinpath("small").relative_to(tmp_path)
+    assert main(["info", "small"]) == 2  # the local, empty directory: not a checkpoint
+    assert "small" in capsys.readouterr().err
