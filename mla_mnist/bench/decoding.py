@@ -17,9 +17,11 @@ from ..evaluation import default_batch, eval_set, predict_tokens
 from .timing import timed
 
 
-def paths_of(backend, asked) -> tuple[str, ...]:
+def paths_of(backend, asked, model=None) -> tuple[str, ...]:
     """The paths this backend's device has, limited to those asked for (None: all); the loop always, first: the
-    reference the others' tokens are compared with."""
+    reference the others' tokens are compared with. A model without MLA's absorbed step has only the loop."""
+    if model is not None and "absorbed" not in model.decode_modes:
+        return ("off",)
     return tuple(p for p in backend.static_paths if p == "off" or asked is None or p in asked)
 
 
@@ -79,7 +81,7 @@ def eval_rows(backends, models, cfg, samples, batch_size, data_dir=None, progres
     truth, rows = decode(tokens), []
     for backend, model in zip(backends, models):
         batch = batch_size or default_batch(backend)
-        for path in paths_of(backend, paths):
+        for path in paths_of(backend, paths, model):
             predict_tokens(backend, model, images[:batch], batch, static=path)  # capture / compile / warm-up
             start = time.perf_counter()
             pred = predict_tokens(backend, model, images, batch, static=path)
@@ -108,7 +110,7 @@ def real_rows(backends, models, cfg, batch, repeats, data_dir=None, paths=None, 
     images, truth = eval_set("test", cfg.grid, batch, data_dir, raw=True)
     rows = []
     for backend, model in zip(backends, models):
-        x, mine = backend.array(images), paths_of(backend, paths)
+        x, mine = backend.array(images), paths_of(backend, paths, model)
         for path in mine:  # warm-up: capture, compile
             backend.generate(model, x, static=path)
         times, out = {path: [] for path in mine}, {}
