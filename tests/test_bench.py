@@ -186,7 +186,7 @@ def test_a_trained_checkpoint_gets_real_reading_and_eval_rows(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "--checkpoint", str(SHIPPED), "--frameworks", "torch", "--lengths", "3", "--repeats", "1"]
     argv += ["--train-steps", "0", "--render-batch", "0", "--attentions", "mla", "--decode-batches", "2"]
-    assert main([*argv, "--decode-length", "4", "--eval-samples", "8", "--json", str(out), "--quiet"]) == 0
+    assert main([*argv, "--decode-length", "4", "--eval-samples", "8", "--out", str(tmp_path), "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert [r["path"] for r in result["real"]] == ["off", "eager"]
     assert len({(r["exact_match"], r["digit_accuracy"]) for r in result["real"]}) == 1
