@@ -170,6 +170,10 @@ class Backend:
         return {k: self.numpy(v) for k, v in out.items()}
 
     # ---- data parallel ------------------------------------------------------------------------------
+    def seed(self, seed: int):
+        """Seed MLX's global generator (dropout draws)."""
+        mx.random.seed(seed)
+
     def init_distributed(self) -> tuple[int, int]:
         """Join the group mlx.launch set up: ring (MLX_HOSTFILE, MLX_RANK), MPI, or NCCL on CUDA."""
         group = mx.distributed.init()

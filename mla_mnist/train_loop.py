@@ -186,6 +186,10 @@ def train(
         trainer.load_state(arrays)
         history, best = state.get("history", []), state.get("best")
     start = trainer.step_count
+    if world > 1:
+        # Every rank built the same initial weights from one seed; its dropout masks must not be the other ranks'
+        # too. Drawn from (seed, step, rank), so a resumed run draws as a fresh one from that step would.
+        backend.seed(int(np.random.default_rng([spec.seed, start, rank]).integers(2**31)))
     total = spec.epochs * spec.steps_per_epoch
     stop_at = min(total, max_steps) if max_steps else total
     if rank == 0:

@@ -198,6 +198,10 @@ class Backend:
         return {k: self.numpy(v) for k, v in out.items()}
 
     # ---- data parallel ------------------------------------------------------------------------------
+    def seed(self, seed: int):
+        """Seed torch's global generators (dropout draws; CUDA's too)."""
+        torch.manual_seed(seed)
+
     def init_distributed(self) -> tuple[int, int]:
         """Join the group torchrun set up (env:// rendezvous: MASTER_ADDR, RANK, WORLD_SIZE, LOCAL_RANK)."""
         import torch.distributed as dist
