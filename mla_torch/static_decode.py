@@ -83,18 +83,24 @@ class StaticDecoder:
             self._layers.append(
                 _Layer(
                     w_a=torch.empty(sa.q_a_proj.weight.shape[0] + sa.kv_a_proj.weight.shape[0], cfg.d_model, **dev),
-                    self_q=torch.empty(self.q_rank, cfg.heads * (self.kv_rank + self.rope_dim), **dev),
+                    self_q=torch.zeros(self.q_rank, cfg.heads * (self.kv_rank + self.rope_dim + 1), **dev),
                     self_o=torch.empty(cfg.heads * self.kv_rank, cfg.d_model, **dev),
                     cross_q=torch.empty(cfg.d_model, cfg.heads * ca.kv_rank, **dev),
                     cross_o=torch.empty(cfg.heads * ca.kv_rank, cfg.d_model, **dev),
                     memory=torch.empty(batch, cfg.enc_tokens, ca.kv_rank, **dev),
-                    kv=torch.zeros(batch, max_length, self.kv_rank + self.rope_dim, **dev),
+                    kv=torch.zeros(batch, max_length, self.kv_rank + self.rope_dim + 1, **dev),
                 )
             )
         # The same table rope() reads, so the rotation of each position is bit-identical to the eager step's.
         table = rope_table(max_length, cfg.rope_dim, cfg.rope_base, self.device, self.dtype)
         self._cos, self._sin, self._rotation = (t[:max_length].clone() for t in table)
-        self._positions = torch.arange(max_length, device=self.device)
+        # Masking without a mask: each cached key carries one more column, -inf until its row is written (then 0),
+        # and each head's query a constant 1 there (the bias below), so the scores of unwritten rows come out of
+        # the matmul as -inf and the written rows' are unchanged (+ 1 * 0): one kernel fewer per layer.
+        self._q_bias = torch.zeros(cfg.heads, self.kv_rank + self.rope_dim + 1, **dev)
+        self._q_bias[:, -1] = 1
+        self._q_bias = self._q_bias.view(-1)
+        self._written = torch.zeros(batch, 1, 1, **dev)  # the extra column of a row being written
         self._tokens = torch.full((batch, max_length), PAD, dtype=torch.long, device=self.device)
         self._finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         self._pos = torch.zeros((), dtype=torch.long, device=self.device)
@@ -128,24 +134,24 @@ class StaticDecoder:
             def rotate(x):
                 return x @ rotation
 
-        future = self._positions > self._pos  # cache rows not written yet: masked out of every softmax
         embed, final_norm, head_w, head_b = self._top
         x = F.embedding(self._tokens.index_select(1, at), embed)  # [B, 1, d]
+        residual = x.view(b, -1)  # the same storage: attention outputs add into it inside their matmul (addmm_)
         for s in self._layers:
             norm1, q_a_norm, kv_a_norm, norm2, norm3, fc1_w, fc1_b, fc2_w, fc2_b = s.params
             # Self-attention, absorbed (MLASelfAttention.step).
             q_a, c, k_pe = F.linear(_layer_norm(x, norm1), s.w_a).split([self.q_rank, r, pe], dim=-1)
-            kv = torch.cat([_layer_norm(c, kv_a_norm), rotate(k_pe)], dim=-1)
+            kv = torch.cat([_layer_norm(c, kv_a_norm), rotate(k_pe), self._written], dim=-1)
             s.kv.index_copy_(1, at, kv)
-            q = (_layer_norm(q_a, q_a_norm) @ s.self_q).view(b, h, 1, -1)
-            q[..., r:] = rotate(q[..., r:])
-            scores = torch.bmm(q.view(b, h, -1), s.kv.transpose(1, 2)).masked_fill(future, float("-inf"))
-            x = x + torch.bmm(scores.softmax(-1), s.kv[..., :r]).view(b, 1, -1) @ s.self_o
+            q = torch.addmm(self._q_bias, _layer_norm(q_a, q_a_norm).view(b, -1), s.self_q).view(b, h, 1, -1)
+            q[..., r : r + pe] = rotate(q[..., r : r + pe])
+            scores = torch.bmm(q.view(b, h, -1), s.kv.transpose(1, 2))  # unwritten rows: -inf
+            residual.addmm_(torch.bmm(scores.softmax(-1), s.kv[..., :r]).view(b, -1), s.self_o)
             # Cross-attention over the latent memory (MLACrossAttention.forward with a LatentMemory).
             q = (_layer_norm(x, norm2) @ s.cross_q).view(b, h, -1)
             scores = torch.bmm(q, s.memory.transpose(1, 2))
-            x = x + torch.bmm(scores.softmax(-1), s.memory).view(b, 1, -1) @ s.cross_o
-            x = x + F.linear(F.gelu(F.linear(_layer_norm(x, norm3), fc1_w, fc1_b)), fc2_w, fc2_b)
+            residual.addmm_(torch.bmm(scores.softmax(-1), s.memory).view(b, -1), s.cross_o)
+            x += F.linear(F.gelu(F.linear(_layer_norm(x, norm3), fc1_w, fc1_b)), fc2_w, fc2_b)
         if final_norm is not None:
             x = _layer_norm(x, final_norm)
         nxt = F.linear(x, head_w, head_b).argmax(-1).masked_fill(self._finished[:, None], PAD)  # [B, 1]
@@ -163,7 +169,8 @@ class StaticDecoder:
             sa, mlp = layer.self_attn, layer.mlp
             s.w_a.copy_(torch.cat([sa.q_a_proj.weight, sa.kv_a_proj.weight]))
             folded = absorb(sa, sa.q_b_proj.weight, sa.nope_dim)
-            s.self_q.copy_(folded.w_q)
+            q_rank, width = folded.w_q.shape[0], self.kv_rank + self.rope_dim
+            s.self_q.view(q_rank, self.heads, width + 1)[..., :width].copy_(folded.w_q.view(q_rank, self.heads, width))
             s.self_o.copy_(folded.w_o)
             s.cross_q.copy_(memory.absorbed.w_q)
             s.cross_o.copy_(memory.absorbed.w_o)
@@ -185,6 +192,7 @@ class StaticDecoder:
     def _reset(self):
         for s in self._layers:
             s.kv.zero_()
+            s.kv[..., -1] = float("-inf")
         self._tokens.fill_(PAD)
         self._tokens[:, 0] = START
         self._finished.zero_()
