@@ -34,7 +34,12 @@ class StaticDecoder:
         self.dtype = dtype = model.decoder[0].self_attn.kv_b_proj.weight.dtype  # as LatentCache
         self.q_rank, self.kv_rank = cfg.dec_q_rank, cfg.dec_kv_rank
         b, length, layers = batch, max_length, cfg.dec_layers
-        self.caches = [mx.zeros((b, length, cfg.dec_kv_rank + cfg.rope_dim), dtype=dtype) for _ in range(layers)]
+        # Masking without a mask, as in torch: each cached key carries one more column, -inf until its row is
+        # written (then 0), and each head's query a constant 1 there (a bias), so unwritten rows score -inf.
+        self.width = cfg.dec_kv_rank + cfg.rope_dim
+        self.caches = [self._empty_cache() for _ in range(layers)]
+        q_bias = mx.zeros((cfg.heads, self.width + 1), dtype=dtype)
+        self.q_bias = mx.where(mx.arange(self.width + 1) == self.width, 1, q_bias).astype(dtype).reshape(-1)
         self.memories = [mx.zeros((b, cfg.enc_tokens, cfg.cross_kv_rank), dtype=dtype) for _ in range(layers)]
         self.weights = None  # per layer the fused q_a | kv_a projection and the absorbed ones: set by run()
         # The same table rope() reads, so each position's rotation is the one the loop applies on CUDA.
@@ -46,6 +51,11 @@ class StaticDecoder:
         # since the last run is seen without a recompile; everything else is an explicit input.
         self.step = mx.compile(self._step, inputs=model.state) if how == "compiled" else self._step
 
+    def _empty_cache(self):
+        b, length = self.batch, self.max_length
+        unwritten = mx.full((b, length, 1), -mx.inf, dtype=self.dtype)
+        return mx.concatenate([mx.zeros((b, length, self.width), dtype=self.dtype), unwritten], axis=-1)
+
     def _prepare(self, memories):
         """Per layer the fused and absorbed projections of the current parameters (the model may have been
         trained since the last run); the cross-attention's come with its memory."""
@@ -54,10 +64,13 @@ class StaticDecoder:
             attn = layer.self_attn
             w_a = mx.concatenate([dense_weight(attn.q_a_proj), dense_weight(attn.kv_a_proj)], axis=0).T
             absorbed = absorb(attn, attn.q_b_proj, attn.nope_dim)
+            q_rank = absorbed.w_q.shape[0]
+            self_q = absorbed.w_q.reshape(q_rank, attn.heads, self.width)  # one zero column more per head
+            self_q = mx.concatenate([self_q, mx.zeros((q_rank, attn.heads, 1), dtype=self_q.dtype)], axis=-1)
             weights.append(
                 {
                     "w_a": w_a.astype(self.dtype),
-                    "self_q": absorbed.w_q,
+                    "self_q": self_q.reshape(q_rank, -1),
                     "self_o": absorbed.w_o,
                     "cross_q": memory.absorbed.w_q,
                     "cross_o": memory.absorbed.w_o,
@@ -70,25 +83,24 @@ class StaticDecoder:
         model, r = self.model, self.kv_rank
         rows = mx.arange(self.max_length)
         write = (rows == position)[None, :, None]  # the cache row of this position
-        visible = (rows <= position)[None, None, None, :]  # the rows written so far: attention's mask
         rotation = mx.take(self.rotation, position, axis=0)  # [rope, rope]
         x = model.token_embed(mx.take(tokens, position[None], axis=1))  # [B, 1, d]
         new_caches = []
         for layer, w, memory, cache in zip(model.decoder, weights, memories, caches):
             attn, b = layer.self_attn, x.shape[0]
             q_a, c, k_pe = mx.split(layer.norm1(x) @ w["w_a"], [self.q_rank, self.q_rank + r], axis=-1)
-            kv = mx.concatenate([attn.kv_a_norm(c), k_pe @ rotation], axis=-1)
+            written = mx.zeros((b, 1, 1), dtype=c.dtype)
+            kv = mx.concatenate([attn.kv_a_norm(c), k_pe @ rotation, written], axis=-1)
             cache = mx.where(write, kv, cache)
             new_caches.append(cache)
-            q = (attn.q_a_norm(q_a) @ w["self_q"]).reshape(b, 1, attn.heads, -1)
-            q = mx.concatenate([q[..., :r], q[..., r:] @ rotation], axis=-1)
-            # latent_attention over all rows, the unwritten ones masked: heads on the query axis, one shared key
-            out = mx.fast.scaled_dot_product_attention(
-                q, cache[:, None], cache[:, None, :, :r], scale=1.0, mask=visible
-            )
-            x = x + out.reshape(b, 1, -1) @ w["self_o"]
+            q = mx.addmm(self.q_bias, attn.q_a_norm(q_a).reshape(b, -1), w["self_q"]).reshape(b, 1, attn.heads, -1)
+            q = mx.concatenate([q[..., :r], q[..., r : self.width] @ rotation, q[..., self.width :]], axis=-1)
+            # latent_attention over all rows (the unwritten ones score -inf): heads on the query axis, one shared key
+            out = mx.fast.scaled_dot_product_attention(q, cache[:, None], cache[:, None, :, :r], scale=1.0)
+            x = mx.addmm(x.reshape(b, -1), out.reshape(b, -1), w["self_o"]).reshape(b, 1, -1)
             q = (layer.norm2(x) @ w["cross_q"]).reshape(b, 1, attn.heads, -1)
-            x = x + latent_attention(q, memory, memory, attn.heads) @ w["cross_o"]
+            out = latent_attention(q, memory, memory, attn.heads)
+            x = mx.addmm(x.reshape(b, -1), out.reshape(b, -1), w["cross_o"]).reshape(b, 1, -1)
             x = x + layer.mlp(layer.norm3(x))
         if model.decoder_norm is not None:
             x = model.decoder_norm(x)
@@ -104,7 +116,7 @@ class StaticDecoder:
         memories = self.model.memories(enc, absorbed=True)
         self.memories = [m.c for m in memories]
         self.weights = self._prepare(memories)
-        self.caches = [mx.zeros_like(c) for c in self.caches]
+        self.caches = [self._empty_cache() for _ in self.caches]
         self.tokens = mx.full((self.batch, self.max_length), PAD, dtype=mx.int32)
         self.tokens[:, 0] = START
         self.finished = mx.zeros((self.batch,), dtype=mx.bool_)
