@@ -26,6 +26,9 @@ for run in "small 256 30" "seed 64 12" "seed 256 6"; do
     --train-steps "$3" --train-batch-size "$2" --train-dtype bfloat16 --out "$out/train-$1-$2" \
     > "$out/train-$1-$2.txt" 2>&1
 done
+# Where the recipe's step time goes: compile mode x dropout x weight average, torch, side by side.
+timeout 400 python scripts/train_step_ab.py --preset small --batch-size 512 --device cuda --bf16 \
+  --json "$out/train-step-ab.json" > "$out/train-step-ab.txt" 2>&1
 # The one-command recipe, from scratch, wall time included.
 start=$(date +%s)
 timeout 600 python -m mla_mnist train --preset small --framework torch --bf16 --val-samples 1000 --quiet \
