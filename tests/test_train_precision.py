@@ -132,3 +132,22 @@ def test_torch_compile_with_inductor(batches):
     losses = [float(trainer.step(x, y)[0]) for x, y in batches[:4]]
     want = [float(plain.step(x, y)[0]) for x, y in batches[:4]]
     np.testing.assert_allclose(losses, want, rtol=1e-3)
+
+
+def test_train_step_variants_script_times_every_combination(tmp_path, capsys):
+    """scripts/train_step_ab.py: one row per compile mode x dropout x weight average, each with a rate."""
+    pytest.importorskip("torch")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_step_ab.py"
+    spec = importlib.util.spec_from_file_location("train_step_ab", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "ab.json"
+    argv = ["--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--compile", "off", "--dropout", "0,0.1"]
+    script.main([*argv, "--ema", "0,0.999", "--steps", "1", "--rounds", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["dropout"], r["ema"]) for r in rows} == {(0.0, 0.0), (0.0, 0.999), (0.1, 0.0), (0.1, 0.999)}
+    assert all(r["samples_per_s"] > 0 for r in rows) and "| off | 0.1 | 0.999 |" in capsys.readouterr().out
