@@ -45,9 +45,7 @@ def shipped() -> dict[str, Path]:
 def by_name(text) -> Path:
     """A checkpoint argument: the path as given, or, where nothing exists there, a shipped checkpoint's name."""
     path = Path(text)
-    if not path.exists() and str(text) in shipped():
-        return shipped()[str(text)]
-    return path
+    return path if path.exists() else shipped().get(str(text), path)
 
 
 JSON_LIMIT = 64_000_000  # bytes: config.json, metrics.json and train_state.json are far smaller

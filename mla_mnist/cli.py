@@ -175,12 +175,8 @@ EXAMPLES = {
 STATIC_PATHS = ("auto", "off", "eager", "graph", "compiled")  # generate(static=...); auto is None
 
 
-def resolve_checkpoint(text: str) -> Path:
-    """A checkpoint path, or the name of a shipped checkpoint where nothing exists at that path."""
-    return by_name(text)
-
-
 def build_parser() -> Parser:
+    checkpoint_help = f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)"
     p = Parser(prog="mla-mnist", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     from .info import package_version
@@ -210,9 +206,9 @@ def build_parser() -> Parser:
         sp.add_argument(
             "checkpoint",
             nargs="?",
-            type=resolve_checkpoint,
+            type=by_name,
             default=DEFAULT_CHECKPOINT,
-            help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
+            help=checkpoint_help,
         )
 
     t = command("train", "train a model")
@@ -250,7 +246,7 @@ def build_parser() -> Parser:
     t.add_argument("--resume", type=Path, help="continue the run saved in this checkpoint directory")
     t.add_argument(
         "--init",
-        type=resolve_checkpoint,
+        type=by_name,
         help="start from this checkpoint's weights, or a shipped one's (fresh optimiser: fine-tuning)",
     )
     t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: per epoch)")
@@ -294,9 +290,9 @@ def build_parser() -> Parser:
     common(pr)
     pr.add_argument(
         "--checkpoint",
-        type=resolve_checkpoint,
+        type=by_name,
         default=DEFAULT_CHECKPOINT,
-        help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
+        help=checkpoint_help,
     )
     pr.add_argument("--json", action="store_true", help="print one JSON list")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -346,7 +342,7 @@ def build_parser() -> Parser:
     b.add_argument("--preset", choices=PRESETS, default="seed", help="random weights of this preset's model")
     b.add_argument(
         "--checkpoint",
-        type=resolve_checkpoint,
+        type=by_name,
         help="a trained checkpoint (or a shipped one's name) instead of --preset",
     )
     b.add_argument("--batch-size", type=positive_int, default=4, help="grids per generate call")
@@ -415,13 +411,7 @@ def build_parser() -> Parser:
         epilog="example:\n  mla-mnist info mla_mnist/checkpoints/small",
         formatter_class=HelpFormatter,
     )
-    i.add_argument(
-        "checkpoint",
-        nargs="?",
-        type=resolve_checkpoint,
-        default=DEFAULT_CHECKPOINT,
-        help=f"a checkpoint directory or a shipped one's name ({', '.join(shipped())}; default: small)",
-    )
+    checkpoint_argument(i)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -441,10 +431,10 @@ def parity_parser(sub):
     )
     q.add_argument(
         "reference",
-        type=resolve_checkpoint,
+        type=by_name,
         help="checkpoint directory (quantized too), .pt/.npz/.safetensors, or an original-format state_dict",
     )
-    q.add_argument("candidate", type=resolve_checkpoint, nargs="?", help="the same kinds; default REFERENCE")
+    q.add_argument("candidate", type=by_name, nargs="?", help="the same kinds; default REFERENCE")
     q.add_argument(
         "--frameworks", help=f"one or two of {', '.join(FRAMEWORKS)} (default: those installed, in that order)"
     )
