@@ -173,7 +173,7 @@ def cmd_eval(args):
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir, raw=True)
     batch = args.batch_size or default_batch(backend)
     static = None if args.static == "auto" else args.static
-    if static not in (None, "off") and static not in backend.static_paths:
+    if static is not None and static not in backend.static_paths:
         raise UserError(
             f"--static {static}: {backend.name} on {backend.device} decodes with {', '.join(backend.static_paths)}"
         )
@@ -204,11 +204,7 @@ def cmd_eval(args):
         print(format_table(m))
         print(f"exact match {m['exact_match']:.2%}  digit accuracy {m['digit_accuracy']:.2%}")
         rate = m["grids_per_s"]
-        print(
-            f"read in {seconds:.1f} s ({rate:,.0f} grids/s, batch {batch})"
-            if rate >= 100
-            else f"read in {seconds:.1f} s ({rate:.1f} grids/s, batch {batch})"
-        )
+        print(f"read in {seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} grids/s, batch {batch})")
 
 
 def cmd_make_grid(args):

@@ -33,7 +33,7 @@ def predict_tokens(backend, model, images: np.ndarray, batch_size: int | None = 
     out = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
-        if not backend.on_cpu and 0 < len(chunk) < batch_size and len(images) > batch_size:
+        if not backend.on_cpu and len(chunk) < batch_size < len(images):
             # A GPU captures or compiles its decoding step per batch shape: the last, shorter batch is padded
             # with copies of its own first grid (finishing with it) rather than paying for a second capture.
             pad = np.repeat(chunk[:1], batch_size - len(chunk), axis=0)

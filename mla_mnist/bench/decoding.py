@@ -108,7 +108,7 @@ def real_rows(backends, models, cfg, batch, repeats, data_dir=None, paths=None, 
     <finish> (what a user waits for; the encoder included), through each path, the paths taking turns: grids/s,
     seconds per batch and the tokens it generated, beside the forced-length rows."""
     images, truth = eval_set("test", cfg.grid, batch, data_dir, raw=True)
-    rows = []
+    truth, rows = decode(truth), []
     for backend, model in zip(backends, models):
         x, mine = backend.array(images), paths_of(backend, paths, model)
         for path in mine:  # warm-up: capture, compile
@@ -121,8 +121,8 @@ def real_rows(backends, models, cfg, batch, repeats, data_dir=None, paths=None, 
                 )
                 times[path].append(seconds)
         for path in mine:
-            seconds, pred = statistics.median(times[path]), out[path]
-            m = evaluate(decode(pred), decode(truth))
+            seconds, read = statistics.median(times[path]), decode(out[path])
+            m = evaluate(read, truth)
             rows.append(
                 {
                     "framework": backend.name,
@@ -130,7 +130,7 @@ def real_rows(backends, models, cfg, batch, repeats, data_dir=None, paths=None, 
                     "batch": batch,
                     "seconds_per_batch": seconds,
                     "grids_per_s": batch / seconds,
-                    "mean_digits": float(np.mean([len(d) for d in decode(pred)])),
+                    "mean_digits": float(np.mean([len(d) for d in read])),
                     "exact_match": m["exact_match"],
                     "digit_accuracy": m["digit_accuracy"],
                 }

@@ -5,6 +5,7 @@ machine's own fp32 matmul rate is sampled through the run, so the encoder's FLOP
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import tempfile
@@ -383,24 +384,28 @@ def run(args):
         for e in info["encoder"].values():
             e["fraction_of_matmul"] = e["gflops"] / info["matmul_gflops"]
     if decode_batches or args.eval_samples or args.checkpoint is not None:
-        # The fixed-shape step is MLA's: these rows take the MLA model (random weights for another checkpoint).
-        mla = built_by.get("mla") or [(b, *_model(b, cfg, "mla", args.checkpoint, args.dtype)) for b in backends]
-        models = [model for _, model, _ in mla]
-        if decode_batches:
+
+        @functools.cache
+        def models_of(attention):  # the generation rows' models where they were built, else built once now
+            built = built_by.get(attention) or [
+                (b, *_model(b, cfg, attention, args.checkpoint, args.dtype)) for b in backends
+            ]
+            return [model for _, model, _ in built]
+
+        if decode_batches:  # the fixed-shape step is MLA's: random MLA weights for another checkpoint
+            models = models_of("mla")
             length = min(args.decode_length, cfg.max_tokens)
             result["decode_paths"] = decoding.path_rows(
                 backends, models, cfg, decode_batches, length, args.repeats, args.dtype, progress=progress, paths=paths
             )
         # Reading and scoring use the model's own weights and attention (random weights without a checkpoint).
-        own = built_by.get(cfg.attention) or [
-            (b, *_model(b, cfg, cfg.attention, args.checkpoint, args.dtype)) for b in backends
-        ]
-        own = [model for _, model, _ in own]
         if args.checkpoint is not None:  # a trained model: what reading real grids costs, early stop included
-            result["real"] = decoding.real_rows(backends, own, cfg, batch, args.repeats, progress=progress, paths=paths)
+            result["real"] = decoding.real_rows(
+                backends, models_of(cfg.attention), cfg, batch, args.repeats, progress=progress, paths=paths
+            )
         if args.eval_samples:
             result["eval"] = decoding.eval_rows(
-                backends, own, cfg, args.eval_samples, None, progress=progress, paths=paths
+                backends, models_of(cfg.attention), cfg, args.eval_samples, None, progress=progress, paths=paths
             )
     if args.train_steps:
         train_batch = args.train_batch_size or batch
