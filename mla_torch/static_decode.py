@@ -35,7 +35,7 @@ class _Layer:
     cross_q: torch.Tensor
     cross_o: torch.Tensor
     memory: torch.Tensor  # [B, N, cross_kv_rank]
-    kv: torch.Tensor  # [B, L, r + rope]
+    kv: torch.Tensor  # [B, L, r + rope + 1]: the latent, the rotary key, and 0 / -inf for written / not yet
     params: tuple = ()
 
 

@@ -89,7 +89,8 @@ class Trainer:
         self.step_count = 0
         # The weight average (tc.ema > 0): float32 copies of the parameters, started from the weights of the
         # first step (so that weights loaded after construction, as --init does, are the ones averaged).
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in self._named]
         self._ema: list[torch.Tensor] | None = None
         self._raw: list[torch.Tensor] | None = None  # the raw weights while averaged() has them swapped out
 
@@ -168,8 +169,7 @@ class Trainer:
                 out[f"v.{name}"] = s["exp_avg_sq"].float().cpu().numpy()
         if self._ema is not None:
             raw = self._raw or self._params
-            names = [name for name, p in self.model.named_parameters() if p.requires_grad]
-            for name, e, p in zip(names, self._ema, raw):
+            for (name, _), e, p in zip(self._named, self._ema, raw):
                 out[f"ema.{name}"] = e.cpu().numpy()
                 out[f"raw.{name}"] = p.detach().float().cpu().numpy()
         out["rng.torch"] = torch.get_rng_state().numpy()
@@ -187,15 +187,11 @@ class Trainer:
                     "exp_avg": torch.from_numpy(state[f"m.{name}"]).to(p.device, p.dtype),
                     "exp_avg_sq": torch.from_numpy(state[f"v.{name}"]).to(p.device, p.dtype),
                 }
-        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        if self.tc.ema and all(f"ema.{n}" in state and f"raw.{n}" in state for n in names):
+        if self.tc.ema and all(f"ema.{n}" in state and f"raw.{n}" in state for n, _ in self._named):
             with torch.no_grad():
-                for n, p in zip(names, self._params):
+                for n, p in self._named:
                     p.copy_(torch.from_numpy(state[f"raw.{n}"]))
-            self._ema = [
-                torch.tensor(state[f"ema.{n}"], dtype=torch.float32, device=p.device)
-                for n, p in zip(names, self._params)
-            ]
+            self._ema = [torch.tensor(state[f"ema.{n}"], dtype=torch.float32, device=p.device) for n, p in self._named]
         if "rng.torch" in state:
             torch.set_rng_state(torch.from_numpy(state["rng.torch"].astype(np.uint8)))
         if "rng.cuda" in state and self.device.type == "cuda":
