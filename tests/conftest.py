@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST directory and a briefly trained tiny torch checkpoint."""
+"""Shared fixtures: the real MNIST directory, a briefly trained tiny torch checkpoint, torch on one thread."""
 
 import os
 from pathlib import Path
@@ -94,3 +94,13 @@ def tiny_checkpoint(tmp_path_factory):
     )
     assert rc == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """torch on 1 thread: steady on a shared machine, and the same reduction order in every run."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

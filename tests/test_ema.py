@@ -1,6 +1,7 @@
 """The weight average (`--ema`): its arithmetic in both trainers, their agreement, what the checkpoint holds, and
 an exact resume."""
 
+import importlib
 import json
 import shutil
 
@@ -24,46 +25,26 @@ def batches():
     return [stream.batch(0, i, 8) for i in range(STEPS)]
 
 
-@pytest.fixture
-def one_thread():
-    """torch on 1 thread: the same reduction order in every run."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _torch_trainer(weights=None):
-    pytest.importorskip("torch")
-    from mla_torch import checkpoint
-    from mla_torch.train import Trainer
+def _trainer(framework, weights=None):
+    """A Trainer of the tiny model (seed 1, or these weights) in `framework`, and a reader of its weights."""
+    pytest.importorskip({"torch": "torch", "mlx": "mlx.core"}[framework])
+    checkpoint = importlib.import_module(f"mla_{framework}.checkpoint")
+    trainer = importlib.import_module(f"mla_{framework}.train").Trainer
 
     model = checkpoint.build(CFG, seed=1)
     if weights is not None:
         checkpoint.from_numpy(model, weights)
-    return Trainer(model, TC), lambda: checkpoint.to_numpy(model)
-
-
-def _mlx_trainer(weights=None):
-    pytest.importorskip("mlx.core")
-    from mla_mlx import checkpoint
-    from mla_mlx.train import Trainer
-
-    model = checkpoint.build(CFG, seed=1)
-    if weights is not None:
-        checkpoint.from_numpy(model, weights)
-    return Trainer(model, TC), lambda: checkpoint.to_numpy(model)
+    return trainer(model, TC), lambda: checkpoint.to_numpy(model)
 
 
 def _copy(weights):
     return {k: np.array(v, copy=True) for k, v in weights.items()}
 
 
-@pytest.mark.parametrize("make", [_torch_trainer, _mlx_trainer], ids=["torch", "mlx"])
-def test_average_follows_the_reference(make, batches):
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_average_follows_the_reference(framework, batches):
     """ema <- ema + w_t (weights after step t - ema), from the weights the first step started from."""
-    trainer, weights = make()
+    trainer, weights = _trainer(framework)
     ref = {k: v.astype(np.float32) for k, v in _copy(weights()).items()}
     for t, (x, y) in enumerate(batches):
         trainer.step(x, y)
@@ -84,8 +65,8 @@ def test_average_follows_the_reference(make, batches):
 
 
 def test_torch_and_mlx_averages_agree(batches):
-    t, t_weights = _torch_trainer()
-    m, _ = _mlx_trainer(t_weights())
+    t, t_weights = _trainer("torch")
+    m, _ = _trainer("mlx", t_weights())
     for x, y in batches:
         t.step(x, y)
         m.step(x, y)

@@ -16,16 +16,6 @@ from mla_mnist.cli import main
 STEPS_PER_EPOCH, EPOCHS, STOP = 2, 3, 3  # 6 steps in all, interrupted mid-epoch after step 3
 
 
-@pytest.fixture
-def one_thread():
-    """torch on 1 thread: steady on a shared machine, and the same reduction order in every run."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(framework, tmp_path, *args):
     config = tmp_path / "tiny_dropout.json"
     if not config.exists():
