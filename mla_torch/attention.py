@@ -67,8 +67,26 @@ def causal_mask(t: int, length: int, device) -> torch.Tensor | None:
     return torch.arange(length, device=device)[None, :] <= torch.arange(length - t, length, device=device)[:, None]
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy where x starts or steps off a 16-byte boundary.
+
+    cuDNN's fused attention, which SDPA picks for bfloat16 on Hopper, reads such a view (MLA's v, sliced at
+    nope_dim out of kv_b's output) wrongly and without an error (torch 2.11, H200: outputs off by up to 4 on
+    unit-scale inputs; a model trained through it learns the wrong function). A copy starts on an allocator
+    boundary and is cheap beside the attention it feeds; aligned views (a cache's first L positions) pass as
+    they are."""
+    if torch.compiler.is_compiling():  # offsets cannot be traced; the compiler's buffers start aligned
+        return x.contiguous()
+    size = x.element_size()
+    steps = [st * size for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1]
+    if x.stride(-1) == 1 and (x.storage_offset() * size) % 16 == 0 and all(st % 16 == 0 for st in steps):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def attend(q, k, v, scale, causal=False):
     """Fused attention over per-head q [B, H, T, D] and k, v [B, H_kv, L, D] (H_kv divides H)."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     t, grouped = q.shape[-2], k.shape[1] != q.shape[1]
     mask = None
     if causal and t > 1:
@@ -231,7 +249,7 @@ class MLACrossAttention(nn.Module):
         if absorbed:
             return LatentMemory(c, absorb(self, self.q_proj.weight, self.head_dim))
         k, v = split_heads(self.kv_b_proj(c), self.heads).split([self.head_dim, self.head_dim], dim=-1)
-        return KVMemory(k, v)
+        return KVMemory(k.contiguous(), v.contiguous())  # once, not in every decoding step's attend()
 
     def forward(self, x, memory: LatentMemory | KVMemory):
         if isinstance(memory, LatentMemory):
@@ -291,7 +309,8 @@ class GroupedCrossAttention(nn.Module):
     def memory(self, enc, absorbed: bool = False) -> KVMemory:
         if absorbed:
             raise ValueError("only MLA has an absorbed (latent) cross-attention memory")
-        return KVMemory(split_heads(self.k_proj(enc), self.kv_heads), split_heads(self.v_proj(enc), self.kv_heads))
+        k, v = split_heads(self.k_proj(enc), self.kv_heads), split_heads(self.v_proj(enc), self.kv_heads)
+        return KVMemory(k.contiguous(), v.contiguous())  # once, not in every decoding step's attend()
 
     def forward(self, x, memory: KVMemory):
         q = split_heads(self.q_proj(x), self.heads)

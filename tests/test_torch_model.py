@@ -147,3 +147,37 @@ def test_config_json_round_trip_and_errors():
         ModelConfig.from_dict({"grid": 2, "colour": 1})
     with pytest.raises(UserError, match="grid"):
         ModelConfig.preset("tiny", grid=0)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha", "gqa"])
+def test_fused_attention_gets_aligned_inputs(attention, monkeypatch):
+    """cuDNN's fused attention (SDPA's pick for bfloat16 on Hopper) silently misreads a q/k/v view that starts or
+    steps off a 16-byte boundary; MLA's v is such a view (sliced at nope_dim). Every tensor SDPA sees, in
+    training and in decoding, in bfloat16 with the seed model's head shapes (head_dim 8, rope 4), is aligned;
+    and the result is unchanged."""
+    import mla_torch.attention as A
+
+    seen = []
+    real = A.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.extend((q, k, v))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    cfg = ModelConfig.preset("tiny").replace(attention=attention, kv_heads=2 if attention == "gqa" else None)
+    assert (cfg.head_dim, cfg.rope_dim) == (8, 4)
+    torch.manual_seed(0)
+    model = mla_torch.build(cfg).to(torch.bfloat16)
+    x = torch.rand(2, cfg.image_size, cfg.image_size).to(torch.bfloat16)
+    tokens = torch.tensor([[10, 1, 2, 3, 11], [10, 4, 11, 12, 12]])
+    logits = model(x, tokens)
+    mla_torch.generate(model, x, mode="expanded")
+    assert seen
+    for t in seen:
+        size = t.element_size()
+        assert (t.storage_offset() * size) % 16 == 0 and t.stride(-1) == 1
+        assert all(st * size % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", real)
+    monkeypatch.setattr(A, "_aligned", lambda t: t)  # the same math on the unaligned views
+    torch.testing.assert_close(model(x, tokens), logits, rtol=0, atol=0)
