@@ -251,6 +251,13 @@ def build_parser() -> Parser:
     )
     t.add_argument("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: per epoch)")
     t.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after step N, schedule unchanged (0: never)")
+    t.add_argument(
+        "--max-minutes",
+        type=nonneg_float,
+        default=0.0,
+        help="stop with a checkpoint once this much wall time has passed, schedule unchanged; continue with "
+        "--resume (0: never)",
+    )
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 weights and optimiser state")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 

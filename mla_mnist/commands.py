@@ -120,6 +120,7 @@ def cmd_train(args):
         val_samples=args.val_samples,
         save_every=args.save_every,
         max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
         bf16=args.bf16,
         quiet=args.quiet,
         rank=rank,

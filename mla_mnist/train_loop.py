@@ -144,6 +144,7 @@ def train(
     val_samples=512,
     save_every=0,
     max_steps=0,
+    max_minutes=0.0,
     bf16=False,
     quiet=False,
     rank=0,
@@ -203,6 +204,7 @@ def train(
     step = start
     renderer = None if backend.on_cpu else backend.grid_renderer(stream.images)
     batches = batch_source(stream, range(start, stop_at), spec.steps_per_epoch, spec.batch_size, rank, world, renderer)
+    deadline = time.perf_counter() + max_minutes * 60 if max_minutes else None
     for step in range(start, stop_at):
         epoch, index = divmod(step, spec.steps_per_epoch)
         x, y = next(batches)
@@ -210,9 +212,10 @@ def train(
         losses.append(loss)
         progress.update(step + 1, loss, spec.train.lr_at(step))
         end_of_epoch = (step + 1) % spec.steps_per_epoch == 0
-        if end_of_epoch or (save_every and (step + 1) % save_every == 0) or step + 1 == stop_at:
+        last = step + 1 == stop_at or _out_of_time(backend, deadline, step, world)
+        if end_of_epoch or (save_every and (step + 1) % save_every == 0) or last:
             record = None
-            if end_of_epoch or step + 1 == stop_at:
+            if end_of_epoch or last:
                 train_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
                 if not math.isfinite(train_loss):
                     kept = (
@@ -245,8 +248,19 @@ def train(
                 if improved:
                     best = record
                 _save(backend, model, trainer, out, config, preset, spec, history, best, improved)
+        if last:
+            break
     progress.close()
     return {"history": history, "best": best, "step": step + 1 if stop_at > start else start}
+
+
+def _out_of_time(backend, deadline, step, world, every=20) -> bool:
+    """--max-minutes: looked at every `every` steps; the ranks of a data-parallel run stop at the same step
+    (any rank's clock past the deadline stops them all)."""
+    if deadline is None or (step + 1) % every:
+        return False
+    late = float(time.perf_counter() > deadline)
+    return (backend.all_sum(np.array([late]))[0] if world > 1 else late) > 0
 
 
 def _validation_sums(backend, model, trainer, x, y) -> np.ndarray:

@@ -92,3 +92,16 @@ def test_resume_is_bit_exact_torch(tmp_path, one_thread):
 def test_resume_matches_mlx(tmp_path):
     pytest.importorskip("mlx.core")
     _check_resume("mlx", tmp_path, exact=False)
+
+
+def test_max_minutes_stops_with_a_checkpoint_that_resumes(tmp_path):
+    # 0.0001 min = 6 ms: long past after 20 steps; the clock is read every 20 steps.
+    out = tmp_path / "timed"
+    common = ["train", "--framework", "torch", "--device", "cpu", "--preset", "tiny", "--val-samples", "8", "--quiet"]
+    args = ["--epochs", "1", "--batch-size", "8", "--train-samples", str(8 * 50), "--warmup", "2"]
+    assert main([*common, *args, "--out", str(out), "--max-minutes", "0.0001"]) == 0
+    _, state, history = _tensors(out)
+    assert int(state["step"]) == 20 and history[-1]["step"] == 20
+    assert main(["train", "--resume", str(out), "--quiet", "--val-samples", "8"]) == 0
+    _, state, history = _tensors(out)
+    assert int(state["step"]) == 50 and [r["step"] for r in history] == [20, 50]
