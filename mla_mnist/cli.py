@@ -272,7 +272,13 @@ def build_parser() -> Parser:
     e.add_argument(
         "--weights", choices=("last", "best"), default="last", help="the last weights, or the best on validation"
     )
-    e.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype")
+    e.add_argument(
+        "--dtype",
+        choices=("auto", *FLOAT_DTYPES),
+        default="auto",
+        help="compute dtype (auto: the framework's choice for the device: float32 on a CPU, bfloat16 for torch "
+        "on a GPU)",
+    )
     e.add_argument("--quantize-cache", action="store_true", help="store the MLA latent cache as int8 (per-token scale)")
     e.add_argument(
         "--static",

@@ -164,7 +164,8 @@ def cmd_eval(args):
     from .evaluation import default_batch, eval_set, evaluate_model
 
     backend = get_backend(args.framework or default_framework(), args.device)
-    model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=args.dtype)
+    dtype = backend.reading_dtype if args.dtype == "auto" else args.dtype
+    model = backend.load(args.checkpoint, weights=_weights_file(args.weights), dtype=dtype)
     if args.quantize_cache and "absorbed" not in model.decode_modes:
         raise UserError(
             f"--quantize-cache quantizes MLA's latent cache; this checkpoint uses "
@@ -194,14 +195,14 @@ def cmd_eval(args):
         device=str(backend.device),
         split=args.split,
         checkpoint=str(args.checkpoint),
-        dtype=args.dtype,
+        dtype=dtype,
         quantize_cache=args.quantize_cache,
         quantization=checkpoint.read_config(args.checkpoint)[0].quantization,
     )
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"{args.checkpoint} on {args.samples} {args.split} grids ({backend.name}, {args.dtype}):")
+        print(f"{args.checkpoint} on {args.samples} {args.split} grids ({backend.name}, {dtype}):")
         print(format_table(m))
         print(f"exact match {m['exact_match']:.2%}  digit accuracy {m['digit_accuracy']:.2%}")
         rate = m["grids_per_s"]

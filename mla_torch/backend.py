@@ -110,6 +110,13 @@ class Backend:
         return 2 * a.nbytes / statistics.median(times) / 1e9
 
     @property
+    def reading_dtype(self) -> str:
+        """What `eval --dtype auto` reads in: bfloat16 on a GPU (the shipped small model on the H200: exact match
+        96.16% against float32's 96.13%, digits 99.54% both, at about twice the grids/s), float32 on a CPU."""
+        cuda = self.device.startswith("cuda")
+        return "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+    @property
     def static_paths(self) -> tuple[str, ...]:
         """generate(static=...) paths on this device: the loop, the fixed-shape step eagerly, and on CUDA in a
         CUDA graph or compiled by torch.compile into one (compiling for a CPU costs minutes and gains nothing)."""

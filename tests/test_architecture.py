@@ -3,6 +3,7 @@ one place, presets declared in one place, and an application layer that never na
 
 import importlib.util
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def test_a_preset_added_in_one_place_trains_and_evaluates_through_the_cli(tmp_pa
     assert meta["preset"] == "wee" and cfg.attention == "gqa" and cfg.kv_heads == 2
     capsys.readouterr()
     assert main(["eval", str(out), "--framework", "torch", "--device", "cpu", "--samples", "8", "--json"]) == 0
-    assert '"exact_match"' in capsys.readouterr().out
+    read = json.loads(capsys.readouterr().out)
+    assert "exact_match" in read and read["dtype"] == "float32"  # --dtype auto: float32 on a CPU
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "wee" in capsys.readouterr().out  # the choices and the help text come from the record
