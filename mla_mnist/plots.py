@@ -15,7 +15,7 @@ def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
 
     stages = metrics.get("stages") or [{"history": metrics.get("history", [])}]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0.0
+    offset, finals = 0.0, [100.0]
     for i, stage in enumerate(stages):
         runs = stage.get("runs") or [stage]  # a stage may hold runs side by side, all from the same start
         end = offset
@@ -31,10 +31,14 @@ def training_curves(metrics: dict, out: Path, title: str = "") -> Path:
             ax_loss.plot(ep, [r["val_loss"] for r in h], "--o", ms=3, label=f"val {tag}")
             ax_acc.plot(ep, [100 * r["val_exact_match"] for r in h], "-o", ms=3, label=f"val exact match {tag}")
             ax_acc.plot(ep, [100 * r["val_digit_accuracy"] for r in h], "--o", ms=3, label=f"val digit accuracy {tag}")
+            finals += [100 * h[-1]["val_exact_match"], 100 * h[-1]["val_digit_accuracy"]]
             end = max(end, ep[-1])
         offset = end
+    # The first epochs read almost nothing: the axis starts 20 points under the weakest final value, so the end
+    # of the run, where models differ, is what the plot resolves.
+    bottom = max(0.0, 10 * ((min(finals) - 20) // 10))
     ax_loss.set(yscale="log", xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="validation (greedy decoding)", ylim=(80, 100.5))
+    ax_acc.set(xlabel="epoch", ylabel="%", title="validation (greedy decoding)", ylim=(bottom, 100.5))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def draw(
     h, w = image.shape
     ax = fig.add_subplot(grid[0, :])
     ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title or f"read: {digits or '(no digits)'}", fontsize=12)
+    # A 100-digit read-out is wider than the figure: wrapped onto several lines rather than cut off.
+    text = title or f"read: {digits or '(no digits)'}"
+    ax.set_title("\n".join(textwrap.wrap(text, width=max(40, 9 * cols))), fontsize=12)
     ax.set_axis_off()
     for j, (digit, heat) in enumerate(zip(digits, maps)):
         ax = fig.add_subplot(grid[1 + j // cols, j % cols])

@@ -72,7 +72,7 @@ seed_read() {
   for fw in ${frameworks//,/ }; do
     timeout 120 python -m mla_mnist eval "$out/seed-fp16" --framework "$fw" --samples 2000 --dtype float32 \
       --json --quiet > "$out/seed-eval-$fw.json"
-    timeout 150 "${bench[@]}" --frameworks "$fw" --train-steps 0 --checkpoint "$out/seed-fp16" --lengths 50 \
+    timeout 200 "${bench[@]}" --frameworks "$fw" --train-steps 0 --checkpoint "$out/seed-fp16" --lengths 50 \
       --repeats 3 --decode-batches 1,4,64 --decode-length 50 --out "$out/bench-seed-$fw" \
       > "$out/bench-seed-$fw.txt" 2>&1
   done
