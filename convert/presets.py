@@ -67,9 +67,9 @@ PRESETS: dict[str, Preset] = {
     "seed": Preset(
         "the original benchmark model: 10x10 grids (280 px), up to 100 digits, 16+16 layers",
         dict(grid=10, patch=14, d_model=128, enc_layers=16, dec_layers=16, heads=16, dropout=0.0, final_norm=False),
-        # For one GPU: 1.6 M grids (~79 M digits) at batch 256, affine digits from the start, two ~8-minute parts of
-        # an H200. No dropout: every grid is new and the run ends long before it could overfit; the weight average
-        # smooths its end.
+        # For one GPU: 1.6 M grids (~79 M digits) at batch 256, affine digits from the start, ~17.5 minutes of
+        # training on an H200 (run in parts with --max-minutes and --resume). No dropout: every grid is new and the
+        # run ends long before it could overfit; the weight average smooths its end.
         epochs=12,
         batch_size=256,
         lr=8e-4,

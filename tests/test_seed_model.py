@@ -4,7 +4,7 @@ frameworks. Its eval.json holds the 2,000-grid figures; these few grids keep the
 import pytest
 
 from convert import checkpoint
-from mla_mnist.backends import get_backend, installed
+from mla_mnist.backends import FRAMEWORKS, get_backend, installed
 from mla_mnist.evaluation import eval_set, predict_tokens
 from mnist_grid import decode, evaluate
 
@@ -16,8 +16,7 @@ DIGIT_FLOOR = 0.98
 
 @pytest.fixture(scope="module")
 def grids():
-    images, tokens = eval_set("test", 10, N_GRIDS, raw=True)
-    return images, tokens
+    return eval_set("test", 10, N_GRIDS, raw=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def read(framework, seed_dir, images):
 
 
 def test_seed_is_a_shipped_name_with_its_record(seed_dir):
-    config, meta = checkpoint.read_config(seed_dir)
+    config, _ = checkpoint.read_config(seed_dir)
     assert (config.grid, config.enc_layers, config.dec_layers) == (10, 16, 16)
     for name in ("eval.json", "metrics.json", "curves.png"):
         assert (seed_dir / name).exists(), name
@@ -45,7 +44,7 @@ def test_seed_reads_100_digit_grids_the_same_in_both_frameworks(seed_dir, grids)
     images, tokens = grids
     target = decode(tokens)
     assert sum(len(t) for t in target) > 200  # the task's long grids, not a handful of digits
-    frameworks = [f for f in ("torch", "mlx") if installed(f)]
+    frameworks = [f for f in FRAMEWORKS if installed(f)]
     reads = {f: read(f, seed_dir, images) for f in frameworks}
     for framework, pred in reads.items():
         scores = evaluate(decode(pred), target)
