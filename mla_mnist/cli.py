@@ -287,6 +287,13 @@ def build_parser() -> Parser:
         help="the fixed-shape decoding step: off (the step-by-step loop), eager, graph (CUDA graph, torch), compiled; "
         "auto: graph on a CUDA GPU in torch, compiled on a GPU in MLX, off on a CPU",
     )
+    e.add_argument(
+        "--readouts",
+        type=Path,
+        help="also write the read-outs to this text file, one line of digits per grid in order (the JSON's "
+        "readout_sha256 is its sha256sum): diff two runs to see where they read differently",
+    )
+    e.add_argument("--force", action="store_true", help="replace an existing --readouts file")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 

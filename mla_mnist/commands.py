@@ -12,6 +12,7 @@ import numpy as np
 from convert import checkpoint
 from convert.config import ModelConfig
 from convert.errors import UserError
+from convert.files import atomic_write
 from convert.presets import DEFAULT_PRESET, PRESETS
 from convert.training import TrainConfig
 
@@ -161,7 +162,7 @@ def _weights_file(which):
 def cmd_eval(args):
     from mnist_grid import format_table
 
-    from .evaluation import default_batch, eval_set, evaluate_model
+    from .evaluation import default_batch, eval_set, evaluate_model, readout_text
 
     backend = get_backend(args.framework or default_framework(), args.device)
     dtype = backend.reading_dtype if args.dtype == "auto" else args.dtype
@@ -181,11 +182,16 @@ def cmd_eval(args):
         )
     if static not in (None, "off") and args.quantize_cache:
         raise UserError(f"--static {static} decodes with a float cache: drop --quantize-cache or use --static off")
+    if args.readouts is not None:  # before the run, not after it
+        _refuse_overwrite(args.readouts, args.force, "eval", "read-out file", hint=" or choose another --readouts")
     start = time.perf_counter()
-    m = evaluate_model(
+    m, readouts = evaluate_model(
         backend, model, images, tokens, batch, quiet=args.quiet, quantize_cache=args.quantize_cache, static=static
     )
     seconds = time.perf_counter() - start
+    if args.readouts is not None:
+        text = readout_text(readouts).encode()
+        atomic_write(args.readouts, lambda f: f.write(text), binary_file=True)
     m.update(
         seconds=seconds,
         grids_per_s=args.samples / seconds,

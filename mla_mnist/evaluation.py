@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from tqdm import tqdm
 
@@ -45,9 +47,24 @@ def predict_tokens(backend, model, images: np.ndarray, batch_size: int | None = 
     return np.concatenate(out)
 
 
+def readout_text(readouts: list[str]) -> str:
+    """The read-outs as text, one line of digits per grid in order (what `eval --readouts` writes)."""
+    return "".join(f"{r}\n" for r in readouts)
+
+
+def readout_digest(readouts: list[str]) -> str:
+    """sha256 of readout_text (so `sha256sum` of an `eval --readouts` file gives it): two runs (frameworks,
+    devices, dtypes) read the same grids identically exactly when their digests are equal."""
+    return hashlib.sha256(readout_text(readouts).encode()).hexdigest()
+
+
 def evaluate_model(
     backend, model, images, tokens, batch_size: int | None = None, quiet: bool = True, **generate_kwargs
-) -> dict:
+) -> tuple[dict, list[str]]:
+    """Metrics of the greedy read-out against the targets (with the read-outs' digest), and the read-outs."""
     with progress_bar(len(images), "grid", quiet, desc="reading") as bar:
         pred = predict_tokens(backend, model, images, batch_size, progress=bar, **generate_kwargs)
-    return evaluate(decode(pred), decode(tokens))
+    readouts = [str(r) for r in decode(pred)]
+    metrics = evaluate(readouts, decode(tokens))
+    metrics["readout_sha256"] = readout_digest(readouts)
+    return metrics, readouts

@@ -157,3 +157,29 @@ def test_every_option_has_help_and_every_command_an_example(capsys):
         for action in command._actions:
             if action.dest != "help":
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+@pytest.mark.skipif(not (HAS_TORCH and HAS_MLX), reason="needs torch and MLX")
+def test_eval_readouts_show_both_frameworks_read_alike(tmp_path, capsys):
+    """--readouts writes one line of digits per grid; the JSON's readout_sha256 is that file's sha256, so two
+    frameworks' read-outs are compared by digest; an existing file is kept unless --force."""
+    import hashlib
+
+    digests = {}
+    for fw in ("torch", "mlx"):
+        out = tmp_path / f"{fw}.txt"
+        assert main(["eval", "--framework", fw, "--device", "cpu", "--samples", "6", "--json", "--quiet",
+                     "--readouts", str(out)]) == 0  # fmt: skip
+        m = json.loads(capsys.readouterr().out)
+        lines = out.read_text().splitlines()
+        assert len(lines) == 6 and all(line.isdigit() for line in lines)
+        assert m["readout_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+        digests[fw] = m["readout_sha256"]
+    assert digests["torch"] == digests["mlx"]
+    before = (tmp_path / "mlx.txt").read_bytes()
+    argv = ["eval", "--framework", "torch", "--samples", "2", "--quiet", "--readouts", str(tmp_path / "mlx.txt")]
+    assert main(argv) == 2
+    _one_error_line(capsys, "already exists", "--force")
+    assert (tmp_path / "mlx.txt").read_bytes() == before
+    assert main([*argv, "--force"]) == 0
+    assert len((tmp_path / "mlx.txt").read_text().splitlines()) == 2
