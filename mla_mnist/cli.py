@@ -267,7 +267,10 @@ def build_parser() -> Parser:
     e.add_argument("--split", choices=("test", "val"), default="test", help="MNIST digits the grids are made of")
     e.add_argument("--samples", type=positive_int, default=1000, help="grids to read (the same fixed ones every run)")
     e.add_argument(
-        "--batch-size", type=positive_int, help="grids per generate call (default: 64 on a CPU, 1024 on a GPU)"
+        "--batch-size",
+        type=positive_int,
+        help="grids per generate call (default: 64 on a CPU; on a GPU as many as the model's activations allow, "
+        "in equal calls)",
     )
     e.add_argument(
         "--weights", choices=("last", "best"), default="last", help="the last weights, or the best on validation"

@@ -174,7 +174,7 @@ def cmd_eval(args):
         )
     # uint8 grids: the same pixels as float32 (the model scales them on its device), a quarter of the bytes
     images, tokens = eval_set(args.split, model.config.grid, args.samples, args.data_dir, raw=True)
-    batch = args.batch_size or default_batch(backend)
+    batch = args.batch_size or default_batch(backend, model.config, args.samples)
     static = None if args.static == "auto" else args.static
     if static is not None and static not in backend.static_paths:
         raise UserError(
@@ -184,10 +184,19 @@ def cmd_eval(args):
         raise UserError(f"--static {static} decodes with a float cache: drop --quantize-cache or use --static off")
     if args.readouts is not None:  # before the run, not after it
         _refuse_overwrite(args.readouts, args.force, "eval", "read-out file", hint=" or choose another --readouts")
+    kwargs = dict(quantize_cache=args.quantize_cache, static=static)
+    warmup = 0.0
+    if not backend.on_cpu:
+        # A GPU process's first kernels pay once for loading them and for the math libraries' set-up (~0.6 s on
+        # the H200, 2-3x the time of reading 10,000 small grids): one grid and two tokens pay it here, timed apart
+        # (through the loop where the asked path would compile a step for this shape: torch.compile takes ~30 s).
+        start = time.perf_counter()
+        backend.generate(
+            model, images[:1], max_length=3, **{**kwargs, "static": "off" if static == "compiled" else static}
+        )
+        warmup = time.perf_counter() - start
     start = time.perf_counter()
-    m, readouts = evaluate_model(
-        backend, model, images, tokens, batch, quiet=args.quiet, quantize_cache=args.quantize_cache, static=static
-    )
+    m, readouts = evaluate_model(backend, model, images, tokens, batch, quiet=args.quiet, **kwargs)
     seconds = time.perf_counter() - start
     if args.readouts is not None:
         text = readout_text(readouts).encode()
@@ -195,6 +204,7 @@ def cmd_eval(args):
     m.update(
         seconds=seconds,
         grids_per_s=args.samples / seconds,
+        warmup_seconds=warmup,
         batch_size=batch,
         static=args.static,
         framework=backend.name,
@@ -212,7 +222,8 @@ def cmd_eval(args):
         print(format_table(m))
         print(f"exact match {m['exact_match']:.2%}  digit accuracy {m['digit_accuracy']:.2%}")
         rate = m["grids_per_s"]
-        print(f"read in {seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} grids/s, batch {batch})")
+        after = f"; after a {warmup:.1f} s warm-up" if warmup else ""
+        print(f"read in {seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} grids/s, batch {batch}{after})")
 
 
 def cmd_make_grid(args):

@@ -22,10 +22,26 @@ def progress_bar(total: int, unit: str, quiet: bool = False, desc: str | None = 
     return tqdm(total=total, unit=unit, desc=desc, disable=True if quiet else None, dynamic_ncols=True, mininterval=0.5)
 
 
-def default_batch(backend) -> int:
-    """Grids per generate call: a CPU is busy at 64; a GPU needs thousands in flight (its step costs about the
-    same at batch 4 and 1024)."""
-    return 64 if backend.on_cpu else 1024
+GPU_BATCH = 1024  # grids per call on a GPU when the model is not known
+_GPU_ELEMENTS = 1 << 32  # activation elements one encoder call may hold on a GPU (a few GB at most)
+
+
+def default_batch(backend, config=None, samples: int | None = None) -> int:
+    """Grids per generate call: a CPU is busy at 64; a GPU needs thousands in flight (its decoding step costs
+    about the same at batch 4 and 1024). Given the model's config, a GPU takes as many grids as an encoder layer's
+    largest activations allow (tokens x (MLP width + heads x tokens) elements a grid: the shipped small model
+    ~6,500, seed ~1,500), and given `samples`, equal batches: 10,000 grids in two calls of 5,000, none padded."""
+    if backend.on_cpu:
+        return 64
+    if config is None:
+        return GPU_BATCH
+    tokens = config.enc_tokens
+    per_grid = tokens * (config.d_model * config.mlp_ratio + config.heads * tokens)
+    cap = min(16384, max(64, _GPU_ELEMENTS // per_grid))
+    if samples is None:
+        return cap
+    calls = -(-samples // cap)
+    return -(-samples // calls)
 
 
 def predict_tokens(backend, model, images: np.ndarray, batch_size: int | None = None, progress=None, **kwargs):

@@ -230,6 +230,27 @@ def test_a_gpu_reads_the_last_short_batch_padded_to_the_batch_shape():
     assert calls == [4, 4, 2]
 
 
+def test_a_gpu_batch_fits_the_model_and_splits_the_grids_evenly():
+    """A GPU reads in equal calls as large as the model's encoder activations allow (no call padded); a CPU at
+    64; without a model, 1,024."""
+    from types import SimpleNamespace
+
+    from convert.config import ModelConfig
+    from mla_mnist.evaluation import default_batch
+
+    gpu, cpu = SimpleNamespace(on_cpu=False), SimpleNamespace(on_cpu=True)
+    small = ModelConfig.preset("small")  # 257 tokens: 257 * (512 + 8 * 257) elements a grid
+    seed = ModelConfig.preset("seed")  # 401 tokens, 16 heads: 4.2x the small model's per grid
+    assert default_batch(gpu, small) == (1 << 32) // (257 * (512 + 8 * 257))
+    assert default_batch(gpu, seed) < default_batch(gpu, small) // 4
+    assert default_batch(gpu, small, 10_000) == 5_000  # two equal calls, not 6,507 + a padded 3,493
+    for samples in (1, 999, 2_000, 10_000, 12_345):
+        batch = default_batch(gpu, seed, samples)
+        calls = -(-samples // batch)
+        assert batch <= default_batch(gpu, seed) and calls * batch - samples < calls
+    assert default_batch(cpu, small, 10_000) == 64 and default_batch(gpu) == 1024
+
+
 def test_a_shipped_checkpoint_by_name_unless_a_path_of_that_name_exists(tmp_path, monkeypatch, capsys):
     """`small` names the shipped checkpoint wherever a checkpoint is read; a directory of that name in the working
     directory wins (an existing path is never reinterpreted)."""
