@@ -187,12 +187,16 @@ def cmd_eval(args):
     kwargs = dict(quantize_cache=args.quantize_cache, static=static)
     warmup = 0.0
     if not backend.on_cpu:
-        # A GPU process's first kernels pay once for loading them and for the math libraries' set-up (~0.6 s on
-        # the H200, 2-3x the time of reading 10,000 small grids): one grid and two tokens pay it here, timed apart
-        # (through the loop where the asked path would compile a step for this shape: torch.compile takes ~30 s).
+        # A GPU process's first kernels pay once for loading them and for the math libraries' set-up (0.5-0.7 s on
+        # the H200, more than reading 10,000 small grids takes): 64 grids and two tokens pay it here, timed apart
+        # (64, not 1: the large matmuls load kernels of their own), through the loop where the asked path would
+        # compile a step for this shape (torch.compile takes ~30 s).
         start = time.perf_counter()
         backend.generate(
-            model, images[:1], max_length=3, **{**kwargs, "static": "off" if static == "compiled" else static}
+            model,
+            images[: min(len(images), 64)],
+            max_length=3,
+            **{**kwargs, "static": "off" if static == "compiled" else static},
         )
         warmup = time.perf_counter() - start
     start = time.perf_counter()
