@@ -68,7 +68,10 @@ seed() {
 }
 
 seed_read() {
-  python -m mla_mnist convert "$out/seed" "$out/seed-fp16" --dtype float16 --force --quiet
+  # the validation-best weights, as shipped (the run's last ones where validation never ran)
+  local src=("$out/seed")
+  [ -f "$out/seed/best.safetensors" ] && src=("$out/seed/best.safetensors" --config "$out/seed/config.json")
+  python -m mla_mnist convert "${src[@]}" "$out/seed-fp16" --dtype float16 --force --quiet
   for fw in ${frameworks//,/ }; do
     timeout 120 python -m mla_mnist eval "$out/seed-fp16" --framework "$fw" --samples 2000 --dtype float32 \
       --json --quiet > "$out/seed-eval-$fw.json"
