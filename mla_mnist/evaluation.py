@@ -80,7 +80,7 @@ def evaluate_model(
     """Metrics of the greedy read-out against the targets (with the read-outs' digest), and the read-outs."""
     with progress_bar(len(images), "grid", quiet, desc="reading") as bar:
         pred = predict_tokens(backend, model, images, batch_size, progress=bar, **generate_kwargs)
-    readouts = [str(r) for r in decode(pred)]
+    readouts = decode(pred)
     metrics = evaluate(readouts, decode(tokens))
     metrics["readout_sha256"] = readout_digest(readouts)
     return metrics, readouts
