@@ -8,7 +8,7 @@
 #   stage 4: two fine-tunes of stage 3 (float16 copy) identical but for the model dropout (0.1, 0.2: model
 #            configs given with --config), then the element-wise mean of their
 #            weights                                              -> test exact 96.1%, digits 99.54%
-# The small preset's own recipe has since gained dropout and a weight average; every stage here pins the model
+# The small preset's own recipe is now one stage (docs/training.md); every stage here pins the model
 # config and --ema 0, as the shipped checkpoint was trained.
 # Usage: MLA_MNIST_DIR=... bash scripts/train_small.sh [OUT_DIR]
 set -euo pipefail
