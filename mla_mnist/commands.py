@@ -190,7 +190,7 @@ def cmd_eval(args):
         # A GPU process pays once for loading its kernels, the math libraries' set-up, growing its memory pool
         # and capturing (or compiling) the decoding step of each batch shape: on the H200 more than reading
         # 10,000 small grids takes. One batch of the reading's own shape pays all of it here, timed apart, so
-        # the rate is the reading's; a later call of that shape (a second batch, predict) costs the same.
+        # the rate is the reading's: every batch after it has this shape (the last one padded) and pays none of it.
         start = time.perf_counter()
         backend.generate(model, images[: min(len(images), batch)], **kwargs)
         warmup = time.perf_counter() - start
