@@ -21,6 +21,7 @@ class Preset:
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of the weight average that validation and the checkpoint use (0: off)
     augment: str | bool = False  # False, "shift" or "affine" (mnist_grid.GridStream)
+    full_grid_steps: int = 0  # the first steps draw every cell occupied (the k-th digit in the k-th cell)
     extra: dict = field(default_factory=dict)
 
 

@@ -112,6 +112,9 @@ def check_run_state(state, where) -> None:
         v = spec.get(key)
         if not _is_int(v) or not lo <= v <= hi:
             bad(f"spec.{key} is {v!r}, not an integer in [{lo}, {hi}]")
+    full = spec.get("full_grid_steps", 0)  # absent in runs saved before the setting: they ran without
+    if not _is_int(full) or not 0 <= full <= MAX_STEPS:
+        bad(f"spec.full_grid_steps is {full!r}, not an integer in [0, {MAX_STEPS}]")
     if spec.get("augment") not in (False, True, "shift", "affine"):
         bad(f"spec.augment is {spec.get('augment')!r}")
     train = spec.get("train")

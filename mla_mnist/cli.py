@@ -240,6 +240,13 @@ def build_parser() -> Parser:
         help="per-digit augmentation: shift (up to 2 px; the default when no value is given) or "
         "affine (shift + rotation, scale, shear)",
     )
+    t.add_argument(
+        "--full-grids",
+        type=nonneg_int,
+        metavar="STEPS",
+        help="the first STEPS steps train on grids with every cell occupied, where the k-th digit is in the k-th "
+        "cell (default: the preset's)",
+    )
     t.add_argument("--seed", type=nonneg_int, help="data order and initial weights (default 0)")
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")
     t.add_argument("--force", action="store_true", help="start a new run over an existing --out checkpoint")

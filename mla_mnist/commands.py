@@ -62,7 +62,9 @@ def cmd_train(args):
             "train_samples": args.train_samples,
             "seed": args.seed,
             "augment": args.augment,
+            "full_grid_steps": args.full_grids,
         }
+        interrupted = {"full_grid_steps": 0, **interrupted}
         run_fields = {k: (given[k] if given[k] is not None else interrupted[k]) for k in given}
         optimiser = dict(interrupted["train"])
         for flag, key in (
@@ -102,6 +104,7 @@ def cmd_train(args):
             seed=args.seed or 0,
             augment=pick("augment") or False,
             train=optimiser,
+            full_grid_steps=args.full_grids if args.full_grids is not None else recipe.full_grid_steps,
         )
         out = args.out or Path("runs") / (preset or "custom")
         if (out / checkpoint.CONFIG).is_file():

@@ -38,25 +38,32 @@ class RunSpec:
     seed: int
     augment: bool | str  # False, "shift" or "affine" (mnist_grid.GridStream)
     train: TrainConfig
+    full_grid_steps: int = 0  # steps [0, full_grid_steps) draw grids with every cell occupied
 
     @property
     def steps_per_epoch(self):
         return self.train_samples // self.batch_size
 
     def to_dict(self):
-        d = {k: getattr(self, k) for k in ("epochs", "batch_size", "train_samples", "seed", "augment")}
+        d = {k: getattr(self, k) for k in RUN_FIELDS}
         return {**d, "train": self.train.to_dict()}
 
 
-def batch_source(stream: GridStream, steps, steps_per_epoch, batch_size, rank, world, renderer=None):
-    """Batches for `steps` in order. With a renderer (the model is on an accelerator) only the cheap random draw
-    happens on the host: the grids are composed on the device, from digits uploaded once."""
+RUN_FIELDS = ("epochs", "batch_size", "train_samples", "seed", "augment", "full_grid_steps")
+
+
+def batch_source(stream: GridStream, steps, steps_per_epoch, batch_size, rank, world, renderer=None, full_steps=0):
+    """Batches for `steps` in order; steps before `full_steps` have every cell occupied. With a renderer (the
+    model is on an accelerator) only the cheap random draw happens on the host: the grids are composed on the
+    device, from digits uploaded once."""
+    cells = stream.grid * stream.grid
     for step in steps:
         epoch, index = divmod(step, steps_per_epoch)
+        k = cells if step < full_steps else None
         if renderer is None:
-            yield stream.batch(epoch, index, batch_size, rank, world)
+            yield stream.batch(epoch, index, batch_size, rank, world, k=k)
         else:
-            d, rows = stream.batch_draw(epoch, index, batch_size, rank, world)
+            d, rows = stream.batch_draw(epoch, index, batch_size, rank, world, k=k)
             yield renderer.render(d, rows), tokens(stream.labels, stream.grid, d, rows)
 
 
@@ -175,7 +182,11 @@ def train(
             )
         asked = json.loads(json.dumps(spec.to_dict()))  # as stored: tuples become lists
         # Settings added since the run was saved take their defaults, which is how it ran.
-        saved = {**state["spec"], "train": json.loads(json.dumps(TrainConfig(**state["spec"]["train"]).to_dict()))}
+        saved = {
+            "full_grid_steps": 0,
+            **state["spec"],
+            "train": json.loads(json.dumps(TrainConfig(**state["spec"]["train"]).to_dict())),
+        }
         if saved != asked:
             diff = [k for k in {**saved, **asked} if saved.get(k) != asked.get(k)]
             raise UserError(
@@ -203,7 +214,16 @@ def train(
     t_epoch, losses = time.perf_counter(), []
     step = start
     renderer = None if backend.on_cpu else backend.grid_renderer(stream.images)
-    batches = batch_source(stream, range(start, stop_at), spec.steps_per_epoch, spec.batch_size, rank, world, renderer)
+    batches = batch_source(
+        stream,
+        range(start, stop_at),
+        spec.steps_per_epoch,
+        spec.batch_size,
+        rank,
+        world,
+        renderer,
+        full_steps=spec.full_grid_steps,
+    )
     deadline = time.perf_counter() + max_minutes * 60 if max_minutes else None
     for step in range(start, stop_at):
         epoch, index = divmod(step, spec.steps_per_epoch)

@@ -152,17 +152,18 @@ class GridStream:
             raise UserError(f"unknown augmentation {mode!r}: use shift or affine")
         return draw(self.grid, n, len(self.labels), rng, k=k, shift=SHIFT if mode else 0, affine=mode == "affine")
 
-    def batch(self, epoch, index, batch_size, rank=0, world=1):
-        """This rank's share of global batch `index` of `epoch` (ranks concatenate to the whole)."""
-        return render(self.images, self.labels, self.grid, *self.batch_draw(epoch, index, batch_size, rank, world))
+    def batch(self, epoch, index, batch_size, rank=0, world=1, k=None):
+        """This rank's share of global batch `index` of `epoch` (ranks concatenate to the whole); k: digits per
+        grid (default: uniform in 1..G*G)."""
+        return render(self.images, self.labels, self.grid, *self.batch_draw(epoch, index, batch_size, rank, world, k))
 
-    def batch_draw(self, epoch, index, batch_size, rank=0, world=1):
+    def batch_draw(self, epoch, index, batch_size, rank=0, world=1, k=None):
         """(Draw, rows) of `batch`, for a renderer on the device: render(images, labels, grid, *this) is batch."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of size {world}")
         rng = np.random.default_rng([self.seed, epoch, index, self.split_id])
         rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-        return self.draw(rng, batch_size), rows
+        return self.draw(rng, batch_size, k=k), rows
 
     def batches(self, epoch, n_samples, batch_size, rank=0, world=1):
         """Batches covering n_samples grids of one epoch; the last may be smaller."""
