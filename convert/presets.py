@@ -53,10 +53,11 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         "what users train: 4x4 grids (112 px), 7-px patches (16 per digit)",
         dict(grid=4, patch=7, d_model=128, enc_layers=6, dec_layers=3, heads=8, dropout=0.0),
-        # One stage in place of the four the shipped checkpoint took, sized for five minutes of one H200:
-        # affine digits from the start, batch 1024 (the compiled bf16 step's best rate), 3.6 M grids in 3,500
-        # steps, a weight average over roughly the last 500. No dropout: it slowed the first epochs more than it
-        # helped the last (docs/training.md).
+        # Sized for five minutes of one H200: affine digits from the start, batch 1024 (the compiled bf16 step's
+        # best rate), 3.6 M grids in 3,500 steps, a weight average over roughly the last 500. The first 500 steps
+        # fill every cell: there the k-th digit is in the k-th cell, which ends the plateau where the decoder has
+        # not yet learnt where the next digit is 500-1,000 steps sooner. No dropout: it slowed the first epochs
+        # more than it helped the last (docs/training.md).
         epochs=7,
         batch_size=1024,
         lr=2e-3,
@@ -65,6 +66,7 @@ PRESETS: dict[str, Preset] = {
         weight_decay=0.05,
         augment="affine",
         ema=0.998,
+        full_grid_steps=500,
     ),
     "seed": Preset(
         "the original benchmark model: 10x10 grids (280 px), up to 100 digits, 16+16 layers",

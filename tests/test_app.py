@@ -12,10 +12,10 @@ from mla_mnist.backends import DEFAULT_CHECKPOINT
 from mla_mnist.cli import main
 
 N_GRIDS = 200
-# The shipped checkpoint reads 96.1% of 10,000 random 4x4 test grids exactly (its eval.json) and 192 of these
-# 200 fixed grids, in torch and MLX alike: the floor is that 96.0% (deterministic: no sampling noise), so
+# The shipped checkpoint reads 96.0% of 10,000 random 4x4 test grids exactly (its eval.json) and 188 of these
+# 200 fixed grids, in torch and MLX alike: the floor is that 94.0% (deterministic: no sampling noise), so
 # falling below it means the image -> prediction path broke.
-EXACT_MATCH_FLOOR = 0.96
+EXACT_MATCH_FLOOR = 0.94
 
 
 def run_cli(argv):

@@ -202,7 +202,8 @@ def test_info_of_the_shipped_and_a_quantized_checkpoint(tiny_torch, tmp_path, ca
 
     assert main(["info", str(DEFAULT_CHECKPOINT), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["preset"] == "small" and d["dtype"] == "float16" and d["training"]["stages"] == 4
+    assert d["preset"] == "small" and d["dtype"] == "float16" and d["training"]["stages"] == 1
+    assert d["training"]["steps"] == 3500  # the one command: 7 epochs of 500 steps
     assert 0.9 < d["training"]["best"]["val_exact_match"] <= 1
     assert main(["convert", str(tiny_torch), str(tmp_path / "q8"), "--quantize", "8", "--group-size", "32"]) == 0
     capsys.readouterr()
