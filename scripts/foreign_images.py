@@ -300,12 +300,12 @@ def _old_images_module():
 
 def measure(out_dir: Path, items, doc: Path, checkpoint=None):
     sys.path.insert(0, str(ROOT))
-    from mla_mnist.backends import DEFAULT_CHECKPOINT, Backend
+    from mla_mnist.backends import DEFAULT_CHECKPOINT, get_backend
     from mla_mnist.evaluation import predict_tokens
     from mnist_grid import decode, read_grid_image, readout_warnings
 
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
-    backend = Backend("torch", "cpu")
+    backend = get_backend("torch", "cpu")
     model = backend.load(checkpoint)
     grid = model.config.grid
     old = _old_images_module()
