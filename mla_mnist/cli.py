@@ -245,7 +245,7 @@ def build_parser() -> Parser:
         type=nonneg_int,
         metavar="STEPS",
         help="the first STEPS steps train on grids with every cell occupied, where the k-th digit is in the k-th "
-        "cell (default: the preset's)",
+        "cell (default: the preset's; 0 with --init)",
     )
     t.add_argument("--seed", type=nonneg_int, help="data order and initial weights (default 0)")
     t.add_argument("--out", type=Path, help="checkpoint directory (default runs/<preset>)")

@@ -104,7 +104,7 @@ def cmd_train(args):
             seed=args.seed or 0,
             augment=pick("augment") or False,
             train=optimiser,
-            full_grid_steps=args.full_grids if args.full_grids is not None else recipe.full_grid_steps,
+            full_grid_steps=_full_grid_steps(args, recipe),
         )
         out = args.out or Path("runs") / (preset or "custom")
         if (out / checkpoint.CONFIG).is_file():
@@ -136,6 +136,14 @@ def cmd_train(args):
             f" (best val exact match {best['val_exact_match']:.2%} at step {best['step']})" if best else ""
         )
         print(msg)
+
+
+def _full_grid_steps(args, recipe) -> int:
+    """The preset's full-grid start is for a run from scratch (it ends the first plateau); a fine-tune from
+    trained weights (--init) has no plateau to leave and starts on the test distribution."""
+    if args.full_grids is not None:
+        return args.full_grids
+    return 0 if args.init is not None else recipe.full_grid_steps
 
 
 def _train_config(fields: dict) -> TrainConfig:

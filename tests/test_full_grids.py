@@ -80,3 +80,15 @@ def test_a_run_saved_without_the_setting_resumes(tmp_path, capsys):
     # Changing it on a resume changes the run's data: refused, like the other run settings.
     assert main(["train", "--resume", str(out), "--full-grids", "5", "--quiet", "--val-samples", "8"]) == 2
     assert "full_grid_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_the_preset_starts_full_from_scratch_only(tmp_path, init):
+    """small's recipe starts with full grids; a fine-tune of trained weights (--init) does not, unless asked."""
+    pytest.importorskip("torch")
+    out = tmp_path / "small"
+    args = ["train", "--framework", "torch", "--device", "cpu", "--preset", "small", "--epochs", "1"]
+    args += ["--batch-size", "2", "--train-samples", "2", "--val-samples", "2", "--quiet", "--out", str(out)]
+    assert main(args + (["--init", "small"] if init else [])) == 0
+    spec = json.loads((out / "train_state.json").read_text())["spec"]
+    assert spec["full_grid_steps"] == (0 if init else 500)
