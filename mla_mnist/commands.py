@@ -64,7 +64,6 @@ def cmd_train(args):
             "augment": args.augment,
             "full_grid_steps": args.full_grids,
         }
-        interrupted = {"full_grid_steps": 0, **interrupted}
         run_fields = {k: (given[k] if given[k] is not None else interrupted[k]) for k in given}
         optimiser = dict(interrupted["train"])
         for flag, key in (

@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,8 @@ class RunSpec:
 
 
 RUN_FIELDS = ("epochs", "batch_size", "train_samples", "seed", "augment", "full_grid_steps")
+# Run settings added since a run may have been saved: absent from its spec, they take these defaults (how it ran).
+RUN_DEFAULTS = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}
 
 
 def batch_source(stream: GridStream, steps, steps_per_epoch, batch_size, rank, world, renderer=None, full_steps=0):
@@ -84,6 +86,7 @@ def read_state(path) -> tuple[dict, dict[str, np.ndarray]]:
             "resume from an intact checkpoint or start a new run"
         )
     check_run_state(state, path / STATE)
+    state["spec"] = {**RUN_DEFAULTS, **state["spec"]}
     arrays, _, _ = safetensors_np.read(path / OPTIMIZER)
     check_optimizer_state(arrays, path / OPTIMIZER)
     config, _ = checkpoint.read_config(path)
@@ -182,11 +185,7 @@ def train(
             )
         asked = json.loads(json.dumps(spec.to_dict()))  # as stored: tuples become lists
         # Settings added since the run was saved take their defaults, which is how it ran.
-        saved = {
-            "full_grid_steps": 0,
-            **state["spec"],
-            "train": json.loads(json.dumps(TrainConfig(**state["spec"]["train"]).to_dict())),
-        }
+        saved = {**state["spec"], "train": json.loads(json.dumps(TrainConfig(**state["spec"]["train"]).to_dict()))}
         if saved != asked:
             diff = [k for k in {**saved, **asked} if saved.get(k) != asked.get(k)]
             raise UserError(
