@@ -14,7 +14,7 @@ import numpy as np
 
 from convert.errors import UserError
 
-from . import checkpoint
+from . import checkpoint, fused_step
 from .generate import cross_attention_weights, generate
 from .render import DeviceRenderer
 from .train import Trainer
@@ -95,8 +95,9 @@ class Backend:
     @property
     def static_paths(self) -> tuple[str, ...]:
         """generate(static=...) paths on this device: the loop, the fixed-shape step eagerly and compiled (MLX has
-        no graph capture of its own to ask for: its CUDA backend builds graphs by itself)."""
-        return ("off", "eager", "compiled")
+        no graph capture of its own to ask for: its CUDA backend builds graphs by itself), and on that backend
+        the step as one CUDA kernel (fused_step)."""
+        return ("off", "eager", "compiled") + (("fused",) if fused_step.available() is None else ())
 
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""

@@ -6,6 +6,7 @@ import mlx.core as mx
 
 from mnist_grid.tokens import FINISH, PAD, START
 
+from . import fused_step
 from .static_decode import HOWS, static_decoder
 
 
@@ -47,7 +48,7 @@ def _static_blocker(mode: str, temperature: float, quantize_cache: bool, return_
 
 def static_how(model, static: str | None, mode: str, temperature: float, quantize_cache: bool, return_cache: bool):
     """How this call decodes: "off" (the loop below) or the StaticDecoder's `how`; None picks "compiled" on a
-    GPU where it applies, else "off"."""
+    GPU where it applies (generate then takes "fused" where that runs), else "off"."""
     if static not in (None, "off", *HOWS):
         raise ValueError(f"static must be None, 'off' or one of {', '.join(HOWS)}, got {static!r}")
     blocker = _static_blocker(mode, temperature, quantize_cache, return_cache)
@@ -86,9 +87,10 @@ def generate(
     it: MLA's expanded form, or MHA/GQA's K/V cache) or "uncached" (the original algorithm: every step re-runs
     the whole prefix); default the first of `model.decode_modes`. stop=False forces every row to run max_length
     steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
-    output of these images, if already computed (then images may be None). static: "off" (this loop), "eager" or
-    "compiled" (static_decode.StaticDecoder: the same tokens from a step of fixed shapes, compiled once), or None
-    (auto: "compiled" on a GPU where it applies, else "off").
+    output of these images, if already computed (then images may be None). static: "off" (this loop), "eager",
+    "compiled" (static_decode.StaticDecoder: the same tokens from a step of fixed shapes, compiled once), "fused"
+    (the step as one CUDA kernel, fused_step) or None (auto: "fused" on MLX's CUDA backend up to
+    fused_step.AUTO_MAX_BATCH rows, "compiled" on other GPUs and larger batches, else "off").
     """
     mode = decode_mode(model, mode, quantize_cache)
     max_length = model.config.max_tokens if max_length is None else max_length
@@ -96,11 +98,14 @@ def generate(
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    static = static_how(model, static, mode, temperature, quantize_cache, return_cache)
+    asked, static = static, static_how(model, static, mode, temperature, quantize_cache, return_cache)
     was_training = model.training
     model.eval()
     enc = model.encode(mx.array(images)) if encoded is None else encoded
     b = enc.shape[0]
+    if asked is None and static == "compiled" and b <= fused_step.AUTO_MAX_BATCH:
+        if fused_step.blocker(model, b, max_length) is None:
+            static = "fused"  # where the one-kernel step runs, at these batches it is the fastest (benchmarks.md)
     if static != "off":
         tokens = static_decoder(model, b, max_length, static).run(enc, stop=stop)
         model.train(was_training)

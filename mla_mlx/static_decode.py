@@ -11,9 +11,10 @@ import mlx.core as mx
 
 from mnist_grid.tokens import FINISH, PAD, START
 
+from . import fused_step
 from .attention import absorb, dense_weight, latent_attention, rope_table
 
-HOWS = ("eager", "graph", "compiled")
+HOWS = ("eager", "graph", "compiled", "fused")
 _KEPT = 4  # decoders per model: one per eval batch shape, each with its compiled step
 
 
@@ -29,6 +30,8 @@ class StaticDecoder:
             raise ValueError(f"static decoding needs an MLA model (the absorbed step), not {model.config.attention}")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if how == "fused" and fused_step.blocker(model, batch, max_length) is not None:
+            raise ValueError(fused_step.blocker(model, batch, max_length))
         cfg = model.config
         self.model, self.batch, self.max_length, self.how = model, batch, max_length, how
         self.dtype = dtype = model.decoder[0].self_attn.kv_b_proj.weight.dtype  # as LatentCache
@@ -50,6 +53,8 @@ class StaticDecoder:
         # The model's own parameters (norms, MLPs, embedding, head) are read through inputs=, so a model trained
         # since the last run is seen without a recompile; everything else is an explicit input.
         self.step = mx.compile(self._step, inputs=model.state) if how == "compiled" else self._step
+        if how == "fused":
+            self.fused = fused_step.FusedStep(cfg, batch, max_length, model.decoder_norm is not None)
 
     def _empty_cache(self):
         b, length = self.batch, self.max_length
@@ -113,6 +118,8 @@ class StaticDecoder:
         """enc [batch, 1 + N, d] -> greedy tokens [batch, max_length], as generate(mode="absorbed") gives them."""
         if enc.shape[0] != self.batch:
             raise ValueError(f"this StaticDecoder decodes batches of {self.batch}, got {enc.shape[0]}")
+        if self.how == "fused":
+            return self._run_fused(enc, stop, check_every)
         memories = self.model.memories(enc, absorbed=True)
         self.memories = [m.c for m in memories]
         self.weights = self._prepare(memories)
@@ -129,6 +136,23 @@ class StaticDecoder:
                 break
             mx.async_eval(self.caches, self.tokens, self.finished, self.position)
         return self.tokens
+
+    def _run_fused(self, enc, stop: bool, check_every: int):
+        """run() with the whole step as one kernel (fused_step): the same state, the caches as one array."""
+        cfg, b, length = self.model.config, self.batch, self.max_length
+        packed = fused_step.pack(self.model, self.model.memories(enc, absorbed=True), self.rotation)
+        cache = mx.zeros((cfg.dec_layers, b, length, self.width), dtype=mx.float32)
+        tokens = mx.full((b, length), PAD, dtype=mx.int32)
+        tokens[:, 0] = START
+        finished = mx.zeros((b,), dtype=mx.int32)
+        position = mx.zeros((1,), dtype=mx.int32)
+        for t in range(1, length):
+            cache, tokens, finished, position = self.fused(packed, cache, tokens, finished, position)
+            if stop and t % check_every == 0 and finished.astype(mx.bool_).all().item():  # the only host sync
+                break
+            mx.async_eval(cache, tokens, finished, position)
+        self.tokens = tokens
+        return tokens
 
 
 def static_decoder(model, batch: int, max_length: int, how: str) -> StaticDecoder:
