@@ -119,8 +119,10 @@ class Backend:
     @property
     def static_paths(self) -> tuple[str, ...]:
         """generate(static=...) paths on this device: the loop, the fixed-shape step eagerly, and on CUDA in a
-        CUDA graph or compiled by torch.compile into one (compiling for a CPU costs minutes and gains nothing)."""
-        return ("off", "eager", "graph", "compiled") if self.device.startswith("cuda") else ("off", "eager")
+        CUDA graph, compiled by torch.compile into one, or fused (fused_step: its products as Inductor kernels);
+        compiling for a CPU costs minutes and gains nothing."""
+        cuda = ("off", "eager", "graph", "compiled", "fused")
+        return cuda if self.device.startswith("cuda") else ("off", "eager")
 
     def matmul_gflops(self, repeats: int = 3) -> float:
         """fp32 matmul rate of this device, big enough to fill it: the yardstick for the encoder's FLOP/s."""

@@ -89,7 +89,8 @@ def generate(
     steps (benchmarks). quantize_cache stores MLA's latent as int8 with a per-token scale. encoded: the encoder
     output of these images, if already computed (then images may be None). static: greedy absorbed decoding at
     fixed shapes (mla_torch.static_decode): "eager", "graph" (a CUDA graph replayed per token), "compiled"
-    (torch.compile, then a CUDA graph on CUDA) or "off" (this loop); None: "graph" on CUDA where it applies
+    (torch.compile, then a CUDA graph on CUDA), "fused" (mla_torch.fused_step: the step's products written for
+    torch.compile to fuse, then a CUDA graph) or "off" (this loop); None: "graph" on CUDA where it applies
     (absorbed, greedy, float cache, no return_cache), else "off". The tokens are the same either way.
     """
     mode = decode_mode(model, mode, quantize_cache)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from mnist_grid.tokens import FINISH, PAD, START
 
+from . import fused_step
 from .attention import absorb, rope_table
 
-HOWS = ("eager", "graph", "compiled")
+HOWS = ("eager", "graph", "compiled", "fused")
 _KEPT = 4  # decoders per model: one per eval batch shape, and each may hold a captured graph's memory
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -37,6 +38,7 @@ class _Layer:
     memory: torch.Tensor  # [B, N, cross_kv_rank]
     kv: torch.Tensor  # [B, L, r + rope + 1]: the latent, the rotary key, and 0 / -inf for written / not yet
     params: tuple = ()
+    output_major: tuple = ()  # the fused step's [out, in] copies of self_q, self_o, cross_q, cross_o
 
 
 def _norm(norm) -> tuple:
@@ -105,7 +107,8 @@ class StaticDecoder:
         self._finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         self._pos = torch.zeros((), dtype=torch.long, device=self.device)
         self._top: tuple = ()
-        self._fn = torch.compile(self._step, fullgraph=True, dynamic=False) if how == "compiled" else self._step
+        steps = {"compiled": self._step, "fused": lambda: fused_step.step(self)}
+        self._fn = torch.compile(steps[how], fullgraph=True, dynamic=False) if how in steps else self._step
         self._graph = None
         self._captured_from: tuple = ()  # the data pointers the graph was captured with
 
@@ -186,6 +189,12 @@ class StaticDecoder:
                 mlp.fc2.weight,
                 mlp.fc2.bias,
             )
+            if self.how == "fused":  # into the same buffers each run: a captured graph reads their addresses
+                fresh = fused_step.output_major(s)
+                if not s.output_major:
+                    s.output_major = fresh
+                for kept, new in zip(s.output_major, fresh):
+                    kept.copy_(new)
         final = None if model.decoder_norm is None else _norm(model.decoder_norm)
         self._top = (model.token_embed.weight, final, model.head.weight, model.head.bias)
 
