@@ -172,7 +172,7 @@ EXAMPLES = {
 }
 
 
-STATIC_PATHS = ("auto", "off", "eager", "graph", "compiled")  # generate(static=...); auto is None
+STATIC_PATHS = ("auto", "off", "eager", "graph", "compiled", "fused")  # generate(static=...); auto is None
 
 
 def build_parser() -> Parser:
@@ -294,8 +294,10 @@ def build_parser() -> Parser:
         "--static",
         choices=STATIC_PATHS,
         default="auto",
-        help="the fixed-shape decoding step: off (the step-by-step loop), eager, graph (CUDA graph, torch), compiled; "
-        "auto: graph on a CUDA GPU in torch, compiled on a GPU in MLX, off on a CPU",
+        help="the fixed-shape decoding step: off (the step-by-step loop), eager, graph (CUDA graph, torch), compiled, "
+        "fused (CUDA: in MLX the whole step as one kernel, in torch its products fused by torch.compile); auto: "
+        "graph on a CUDA GPU in torch, fused on MLX's CUDA backend up to 1024 grids a call, else compiled on an "
+        "MLX GPU, off on a CPU",
     )
     e.add_argument(
         "--readouts",
@@ -385,12 +387,12 @@ def build_parser() -> Parser:
         "--decode-batches",
         default="1,4,64",
         help="batch sizes of the decoding-path rows (the loop against the fixed-shape step, eager / graph / "
-        "compiled), comma-separated; empty: none",
+        "compiled / fused), comma-separated; empty: none",
     )
     b.add_argument(
         "--decode-paths",
-        help="the decoding paths to time, comma-separated: off, eager, graph, compiled (default: all the device has; "
-        "the loop, off, always runs: the others' tokens are compared with it)",
+        help="the decoding paths to time, comma-separated: off, eager, graph, compiled, fused (default: all the "
+        "device has; the loop, off, always runs: the others' tokens are compared with it)",
     )
     b.add_argument(
         "--decode-length",

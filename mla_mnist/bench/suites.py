@@ -300,7 +300,7 @@ def run(args):
         raise UserError(f"--decode-batches {args.decode_batches!r}: every batch must be >= 1")
     paths = None
     if getattr(args, "decode_paths", None):
-        paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled"))
+        paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled", "fused"))
     backends = _backends(args)
     if args.checkpoint is not None:
         cfg, _ = checkpoint.read_config(args.checkpoint)
