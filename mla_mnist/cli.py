@@ -296,7 +296,7 @@ def build_parser() -> Parser:
         default="auto",
         help="the fixed-shape decoding step: off (the step-by-step loop), eager, graph (CUDA graph, torch), compiled, "
         "fused (CUDA: in MLX the whole step as one kernel, in torch its products fused by torch.compile); auto: "
-        "graph on a CUDA GPU in torch, fused on MLX's CUDA backend up to 1024 grids a call, else compiled on an "
+        "graph on a CUDA GPU in torch, fused on MLX's CUDA backend up to 512 grids a call, else compiled on an "
         "MLX GPU, off on a CPU",
     )
     e.add_argument(

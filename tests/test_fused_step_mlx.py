@@ -3,6 +3,7 @@ eager fixed-shape step's tokens, on a random tiny model and on the shipped check
 the layout the kernel reads; where it cannot run it says so in one line."""
 
 import ctypes
+import importlib
 import shutil
 import subprocess
 
@@ -107,3 +108,29 @@ def test_it_is_refused_off_mlx_cuda_in_one_line():
     ):
         with pytest.raises(ValueError, match="CUDA backend only"):
             call()
+
+
+def test_generate_takes_it_by_default_only_up_to_its_batch(monkeypatch):
+    """Where the kernel runs, generate's default decodes with it up to AUTO_MAX_BATCH rows and with the compiled
+    step above (each block reads every weight for its row: past that batch the compiled matmuls win)."""
+    gen = importlib.import_module("mla_mlx.generate")  # the module: the package exports its function
+
+    asked = []
+
+    class Recorder:
+        def __init__(self, how):
+            self.how = how
+
+        def run(self, enc, stop):
+            asked.append(self.how)
+            return mx.zeros((enc.shape[0], 3), dtype=mx.int32)
+
+    monkeypatch.setattr(gen, "static_how", lambda *a: "compiled")  # what a GPU gets
+    monkeypatch.setattr(gen.fused_step, "blocker", lambda *a: None)  # as on MLX's CUDA backend
+    monkeypatch.setattr(gen, "static_decoder", lambda model, b, length, how: Recorder(how))
+    model = ckpt.build(TINY, seed=1).eval()
+    enc = model.encode(mx.zeros((1, TINY.image_size, TINY.image_size)))
+    for b in (1, fused_step.AUTO_MAX_BATCH, fused_step.AUTO_MAX_BATCH + 1):
+        gen.generate(model, encoded=mx.broadcast_to(enc, (b, *enc.shape[1:])), max_length=3)
+    gen.generate(model, encoded=enc, max_length=3, static="compiled")  # asked for: kept
+    assert asked == ["fused", "fused", "compiled", "compiled"]
