@@ -207,3 +207,14 @@ def test_decode_step_cost_grows_with_the_batch_by_its_per_row_bytes():
     )
     assert two["bytes"] - one["bytes"] == 4 * per_row
     assert two["flops"] > one["flops"] > 2 * (one["weight_bytes"] // 4 - cfg.d_model)
+
+
+def test_a_decoding_path_the_device_lacks_is_named_not_skipped_quietly(tmp_path, capsys):
+    """--decode-paths asks for fused on a CPU, which has no such path: the report says so, the rest still run."""
+    argv = ["bench", "--preset", "tiny", "--frameworks", "torch", "--device", "cpu", "--lengths", "3"]
+    argv += ["--repeats", "1", "--train-steps", "0", "--render-batch", "0", "--attentions", "mla"]
+    argv += ["--decode-batches", "1", "--decode-length", "3", "--decode-paths", "eager,fused"]
+    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 0
+    assert "(no fused rows: torch on cpu decodes with off, eager)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["path"] for r in result["decode_paths"]] == ["off", "eager"]

@@ -302,6 +302,11 @@ def run(args):
     if getattr(args, "decode_paths", None):
         paths = parse_list(args.decode_paths, "--decode-paths", str, ("off", "eager", "graph", "compiled", "fused"))
     backends = _backends(args)
+    for backend in backends if paths and decode_batches else ():  # asked for and not there: said, not skipped quietly
+        missing = [p for p in paths if p not in backend.static_paths]
+        if missing:
+            have = ", ".join(backend.static_paths)
+            print(f"(no {', '.join(missing)} rows: {backend.name} on {backend.device} decodes with {have})")
     if args.checkpoint is not None:
         cfg, _ = checkpoint.read_config(args.checkpoint)
         source = str(args.checkpoint)
