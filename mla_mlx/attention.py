@@ -13,6 +13,7 @@ self-attention's `new_cache`; `absorbed` says whether it has the one-token laten
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -75,9 +76,42 @@ def causal_mask(t: int, length: int) -> mx.array | None:
     return mx.arange(length)[None, :] <= mx.arange(length - t, length)[:, None]
 
 
+# The training step sets this (`backward_layout`) while it is traced; inference never pads.
+_PAD_QUERIES_TO = 0
+
+
+@contextlib.contextmanager
+def backward_layout(enabled: bool = True):
+    """Inside, attention on MLX's CUDA backend pads its queries to a multiple of 128 rows in bf16/fp16, because
+    only then does the backward of mx.fast.scaled_dot_product_attention run cuDNN's fused kernel; at other lengths
+    it recomputes attention in unfused ops (softmax over rows of 17 keys: most of the small model's step there).
+    Padded query rows attend like any other and are dropped, so the function and its gradients are unchanged."""
+    global _PAD_QUERIES_TO
+    before = _PAD_QUERIES_TO
+    _PAD_QUERIES_TO = 128 if enabled and mx.default_device() == mx.gpu and not mx.metal.is_available() else 0
+    try:
+        yield
+    finally:
+        _PAD_QUERIES_TO = before
+
+
+def _pad_rows(x, rows: int):
+    return mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows), (0, 0)]) if rows else x
+
+
 def attend(q, k, v, scale, causal=False):
     """Fused attention over per-head q [B, H, T, D] and k, v [B, H_kv, L, D] (H_kv divides H)."""
     t = q.shape[-2]
+    pad = -t % _PAD_QUERIES_TO if _PAD_QUERIES_TO and t > 1 and q.dtype in (mx.bfloat16, mx.float16) else 0
+    if pad and (not causal or t == k.shape[-2]):
+        # Causal self-attention pads its keys too (zeros after the last key: every real query's causal window
+        # ends before them); other attention keeps its keys, so padded queries need no mask.
+        if causal:
+            k, v = _pad_rows(k, pad), _pad_rows(v, pad)
+            out = mx.fast.scaled_dot_product_attention(_pad_rows(q, pad), k, v, scale=scale, mask="causal")
+        else:
+            out = mx.fast.scaled_dot_product_attention(_pad_rows(q, pad), k, v, scale=scale)
+        return out[..., :t, :]
     if causal and t > 1:
         if t == k.shape[-2]:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")

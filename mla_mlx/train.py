@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from convert.training import TrainConfig
 from mnist_grid.tokens import PAD
 
+from .attention import backward_layout
+
 
 def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None):
     """Next-token cross-entropy, averaged over the non-pad targets; or summed and divided by `count`, the
@@ -108,7 +110,8 @@ class Trainer:
             self._ema["weight"] = mx.array(self.tc.ema_weight(self.step_count), dtype=mx.float32)
         images = mx.array(images)
         tokens = mx.array(tokens)
-        loss, norm = self._step(images, tokens)
+        with backward_layout(self.bf16):  # read while the step is traced (its first call)
+            loss, norm = self._step(images, tokens)
         self.step_count += 1
         return loss, norm
 

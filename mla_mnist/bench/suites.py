@@ -163,20 +163,23 @@ def training_samples_per_s(backends, cfg, batch, steps, rounds=3, bf16=False):
     steps // rounds steps each, and each keeps its median round: side by side, like the generation rows."""
     rounds = min(rounds, steps)
     per_round = steps // rounds
-    images, tokens = synthetic_batch(cfg, batch)
-    trainers = []
+    host_images, host_tokens = synthetic_batch(cfg, batch)
+    trainers, batches = [], []
     for backend in backends:
         trainer = backend.trainer(
             backend.build(cfg, seed=0), TrainConfig(lr=1e-4, warmup_steps=0, total_steps=steps + 2), bf16=bf16
         )
+        # On the device already, as training's grids are (composed there): the step is timed, not an upload.
+        images, tokens = backend.array(host_images), backend.array(host_tokens)
         for _ in range(2):  # warm-up (MLX compiles its step on the first call)
             float(trainer.step(images, tokens)[0])
         trainers.append(trainer)
+        batches.append((images, tokens))
     rates, memory = [[] for _ in backends], []
-    for backend, trainer in zip(backends, trainers):  # one more step each, for its peak memory
-        memory.append(peak_memory(backend, lambda trainer=trainer: float(trainer.step(images, tokens)[0]))[1])
+    for backend, trainer, data in zip(backends, trainers, batches):  # one more step each, for its peak memory
+        memory.append(peak_memory(backend, lambda trainer=trainer, data=data: float(trainer.step(*data)[0]))[1])
     for _ in range(rounds):
-        for trainer, rate in zip(trainers, rates):
+        for trainer, rate, (images, tokens) in zip(trainers, rates, batches):
             start = time.perf_counter()
             for _ in range(per_round):
                 loss, _ = trainer.step(images, tokens)
