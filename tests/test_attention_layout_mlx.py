@@ -46,3 +46,23 @@ def test_padding_is_off_in_float32_and_off_the_cuda_backend(monkeypatch):
             128 if mx.default_device() == mx.gpu and not mx.metal.is_available() else 0
         )
     assert attention._PAD_QUERIES_TO == 0
+
+
+def test_kernel_table_script_refuses_in_one_line_without_a_cuda_gpu_or_over_a_file(tmp_path):
+    """scripts/kernel_table.py reads kernels through torch's CUDA profiler: elsewhere it says so (exit 2)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_table.py"
+    kept = tmp_path / "table.json"
+    kept.write_text("{}")
+    run = subprocess.run([sys.executable, str(script), "--json", str(kept)], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "exists" in run.stderr
+    assert kept.read_text() == "{}"
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(script), "--preset", "tiny"], capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.strip() == (
+            "kernel_table: needs a CUDA GPU (torch.cuda.is_available() is False)"
+        )
