@@ -62,9 +62,14 @@ def rope_plain(x: mx.array, offset: int, base: float) -> mx.array:
     return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
 
 
+def on_cuda_backend() -> bool:
+    """Whether arrays land on MLX's CUDA backend (a GPU that is not Metal), whose kernels differ from Metal's."""
+    return mx.default_device() == mx.gpu and not mx.metal.is_available()
+
+
 def rope(x: mx.array, offset: int, base: float) -> mx.array:
     """Rotary embedding on interleaved pairs (0,1),(2,3)... of the last axis; positions run along axis -2."""
-    if mx.default_device() == mx.gpu and not mx.metal.is_available():  # the CUDA backend: see rope_plain
+    if on_cuda_backend():  # see rope_plain
         return rope_plain(x, offset, base)
     return mx.fast.rope(x, x.shape[-1], traditional=True, base=base, scale=1.0, offset=offset)
 
@@ -88,7 +93,7 @@ def backward_layout(enabled: bool = True):
     Padded query rows attend like any other and are dropped, so the function and its gradients are unchanged."""
     global _PAD_QUERIES_TO
     before = _PAD_QUERIES_TO
-    _PAD_QUERIES_TO = 128 if enabled and mx.default_device() == mx.gpu and not mx.metal.is_available() else 0
+    _PAD_QUERIES_TO = 128 if enabled and on_cuda_backend() else 0
     try:
         yield
     finally:
@@ -108,10 +113,12 @@ def attend(q, k, v, scale, causal=False):
         # ends before them); other attention keeps its keys, so padded queries need no mask.
         if causal:
             k, v = _pad_rows(k, pad), _pad_rows(v, pad)
-            out = mx.fast.scaled_dot_product_attention(_pad_rows(q, pad), k, v, scale=scale, mask="causal")
-        else:
-            out = mx.fast.scaled_dot_product_attention(_pad_rows(q, pad), k, v, scale=scale)
-        return out[..., :t, :]
+        return _fused_attention(_pad_rows(q, pad), k, v, scale, causal)[..., :t, :]
+    return _fused_attention(q, k, v, scale, causal)
+
+
+def _fused_attention(q, k, v, scale, causal):
+    t = q.shape[-2]
     if causal and t > 1:
         if t == k.shape[-2]:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .attention import on_cuda_backend
+
 # Per decoder layer, the order of the packed float32 weights (input-major: x @ w, so that threads computing
 # neighbouring outputs read neighbouring addresses). Sizes use the kernel's constants.
 LAYOUT = (
@@ -301,7 +303,7 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may have on the cards 
 
 def available() -> str | None:
     """Why the fused step cannot run here, or None: it is a CUDA kernel, for MLX's CUDA backend."""
-    if mx.default_device() != mx.gpu or mx.metal.is_available():
+    if not on_cuda_backend():
         return "the fused step is a CUDA kernel: it runs on MLX's CUDA backend only"
     return None
 

@@ -61,6 +61,7 @@ class Trainer:
         # world > 1: one of `world` data-parallel ranks (mx.distributed initialised); gradients are summed.
         self.model, self.tc, self.device, self.world = model, tc, device, world
         self.bf16 = bf16
+        self.pad_attention = bf16  # backward_layout while the step is traced (off: scripts/kernel_table.py --unpadded)
         forward = bf16_loss_fn if bf16 else loss_fn
         self.opt = optim.AdamW(
             learning_rate=tc.lr_at(0),
@@ -110,7 +111,7 @@ class Trainer:
             self._ema["weight"] = mx.array(self.tc.ema_weight(self.step_count), dtype=mx.float32)
         images = mx.array(images)
         tokens = mx.array(tokens)
-        with backward_layout(self.bf16):  # read while the step is traced (its first call)
+        with backward_layout(self.pad_attention):  # read while the step is traced (its first call)
             loss, norm = self._step(images, tokens)
         self.step_count += 1
         return loss, norm

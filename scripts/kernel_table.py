@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.config import ModelConfig  # noqa: E402
+from convert.errors import UserError  # noqa: E402
 from convert.presets import PRESETS  # noqa: E402
 from convert.training import TrainConfig  # noqa: E402
 from mla_mnist.backends import get_backend  # noqa: E402
@@ -51,14 +52,15 @@ def main(argv=None) -> int:
         print("kernel_table: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     torch.zeros(1, device="cuda")  # the profiler attaches to the CUDA context both frameworks share
-    backend = get_backend(args.framework, "gpu")
-    if args.unpadded and args.framework == "mlx":
-        import mla_mlx.attention
-        import mla_mlx.train
-
-        mla_mlx.train.backward_layout = lambda enabled=True: mla_mlx.attention.backward_layout(False)
+    try:
+        backend = get_backend(args.framework, "gpu")
+    except UserError as e:
+        print(f"kernel_table: {e}", file=sys.stderr)
+        return 2
     cfg = ModelConfig(**PRESETS[args.preset].model)
     trainer = backend.trainer(backend.build(cfg, seed=0), TrainConfig(lr=1e-4, warmup_steps=0), bf16=args.bf16)
+    if args.unpadded and args.framework == "mlx":
+        trainer.pad_attention = False
     images, tokens = (backend.array(a) for a in synthetic_batch(cfg, args.batch_size))
 
     def step():

@@ -42,9 +42,7 @@ def test_padding_is_off_in_float32_and_off_the_cuda_backend(monkeypatch):
     assert calls == [(2, 4, 17, 16)]  # float32: cuDNN's kernels are bf16/fp16 only, so nothing is padded
     monkeypatch.setattr(attention, "_PAD_QUERIES_TO", 0)
     with attention.backward_layout():  # on a CPU (or Metal) the layout stays off
-        assert attention._PAD_QUERIES_TO == (
-            128 if mx.default_device() == mx.gpu and not mx.metal.is_available() else 0
-        )
+        assert attention._PAD_QUERIES_TO == (128 if attention.on_cuda_backend() else 0)
     assert attention._PAD_QUERIES_TO == 0
 
 
