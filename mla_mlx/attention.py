@@ -57,6 +57,13 @@ def rope_plain(x: mx.array, offset: int, base: float) -> mx.array:
     cos, sin, rotation = rope_table(offset + t, dim, base, x.dtype)
     if t == 1:
         return x @ rotation[offset]
+    if x.dtype != mx.float32:
+        # The compiled bf16 training step: every position's rotation as one batched matmul over positions, so
+        # that forward and backward are matmuls and copies, kernels the CUDA backend ships built; the
+        # elementwise form below is four fused kernels that it compiles at run time (2-6 s each, every cold
+        # start). float32 keeps the elementwise form, whose rounding inference's read-outs were checked with.
+        xt = mx.swapaxes(x.reshape(-1, t, dim), 0, 1)  # [t, N, dim]
+        return mx.swapaxes(xt @ rotation[offset : offset + t], 0, 1).reshape(x.shape)
     cos, sin = cos[offset : offset + t], sin[offset : offset + t]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
