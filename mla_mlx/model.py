@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -25,6 +27,21 @@ def patchify(images: mx.array, p: int) -> mx.array:
     return x.reshape(b, (h // p) * (w // p), p * p)
 
 
+@mx.custom_function
+def gelu(x: mx.array) -> mx.array:
+    """nn.gelu (exact, erf) with its derivative written out. Differentiated through, nn.gelu keeps intermediates
+    for its backward and the compiled step splits it into four fused kernels, each built at run time on the CUDA
+    backend (2-6 s a kernel, every cold start); this is one kernel each way, from x alone."""
+    return nn.gelu(x)
+
+
+@gelu.vjp
+def _gelu_vjp(x, cotangent, output):  # one input: MLX passes the array itself, not a tuple
+    x = x.astype(mx.float32)
+    slope = 0.5 * (1 + mx.erf(x * (1 / math.sqrt(2)))) + x * mx.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return ((cotangent.astype(mx.float32) * slope).astype(cotangent.dtype),)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -32,7 +49,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.d_model * cfg.mlp_ratio, cfg.d_model)
 
     def __call__(self, x):
-        return self.fc2(nn.gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -109,12 +126,20 @@ class EncoderDecoder(nn.Module):
     def decode(self, tokens, memories, cache=None):
         """tokens [B, T] -> logits [B, T, vocab] (expanded form); with a cache, tokens continue the cached prefix."""
         offset = cache.offset if cache is not None else 0
-        x = self.token_embed(tokens)
+        x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.decoder):
             x = layer(x, memories[i], offset, cache.layers[i] if cache is not None else None)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.head(x)
+
+    def embed_tokens(self, tokens):
+        """token_embed(tokens); while training as a one-hot product (the same values), whose gradient is a
+        matmul: a lookup's is a scatter-add, 8 ms of a 78 ms `small` step at batch 1,024 on the CUDA backend."""
+        if not self.training:
+            return self.token_embed(tokens)
+        w = self.token_embed.weight
+        return (tokens[..., None] == mx.arange(w.shape[0])).astype(w.dtype) @ w
 
     def step(self, tokens, cache):
         """tokens [B, 1] continuing the cached prefix -> logits [B, 1, vocab], in the absorbed form; the cache is
