@@ -16,19 +16,31 @@ from mnist_grid.tokens import PAD
 from .attention import backward_layout
 
 
-def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None):
+def loss_fn(model, images, tokens, label_smoothing: float = 0.0, count=None, mask=None):
     """Next-token cross-entropy, averaged over the non-pad targets; or summed and divided by `count`, the
-    global batch's target count, so that data-parallel ranks' losses add up to the global batch's mean."""
+    global batch's target count, so that data-parallel ranks' losses add up to the global batch's mean.
+    mask: target_mask(tokens), when it is made outside (the compiled step takes it as an input)."""
     logits = model(images, tokens[:, :-1])
-    targets = tokens[:, 1:]
-    mask = targets != PAD  # MLX's cross_entropy has no ignore_index
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0), label_smoothing=label_smoothing)
+    mask = target_mask(tokens) if mask is None else mask
+    # MLX's cross_entropy has no ignore_index: pad targets get weight 0 (PAD is a class of the vocabulary, so
+    # they need no replacing first).
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], label_smoothing=label_smoothing)
     return (ce * mask).sum() / (mask.sum() if count is None else count)
 
 
-def target_count(tokens):
-    """Non-pad next-token targets: the weight of a rank's share of the global batch."""
-    return (tokens[:, 1:] != PAD).sum()
+def target_mask(tokens):
+    """1.0 where a next-token target is not a pad, as float32."""
+    return (tokens[:, 1:] != PAD).astype(mx.float32)
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """optim.clip_grad_norm's function (torch's too: max_norm / (norm + 1e-6), at most 1). The squared sums are
+    stacked and summed at once: MLX's version adds them one by one, a chain the compiled step turns into fused
+    kernels built at run time on the CUDA backend."""
+    leaves = [g for _, g in tree_flatten(grads)]
+    norm = mx.sqrt(mx.stack([mx.sum(mx.square(g)) for g in leaves]).sum())
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: g * scale, grads), norm
 
 
 def sum_over_ranks(tree):
@@ -77,17 +89,17 @@ class Trainer:
         # that weights loaded after construction, as --init does, are the ones averaged).
         self._ema: dict = {}
         self._raw = None  # the raw weights while averaged() has them swapped out
-        state = [model.state, self.opt.state, mx.random.state, self._ema]
+        self._state = state = [model.state, self.opt.state, mx.random.state, self._ema]
 
-        def train_step(images, tokens):
-            count = mx.distributed.all_sum(target_count(tokens).astype(mx.float32)) if world > 1 else None
+        def train_step(images, tokens, mask):
+            count = mx.distributed.all_sum(mask.sum()) if world > 1 else None
             params = model.trainable_parameters()
-            loss, grads = nn.value_and_grad(model, forward)(model, images, tokens, tc.label_smoothing, count)
+            loss, grads = nn.value_and_grad(model, forward)(model, images, tokens, tc.label_smoothing, count, mask)
             if bf16:
                 model.update(params)  # the float32 master weights back in place of the bf16 copies, for the update
             if world > 1:  # each rank's share of the global mean, summed: the global batch's loss and gradients
                 loss, grads = sum_over_ranks((loss, grads))
-            grads, norm = optim.clip_grad_norm(grads, tc.clip)
+            grads, norm = clip_grad_norm(grads, tc.clip)
             self.opt.update(model, grads)
             if tc.ema:
                 w = self._ema["weight"]
@@ -112,7 +124,12 @@ class Trainer:
         images = mx.array(images)
         tokens = mx.array(tokens)
         with backward_layout(self.pad_attention):  # read while the step is traced (its first call)
-            loss, norm = self._step(images, tokens)
+            # The mask outside the compiled step: its comparison then runs a built-in kernel, not one built at run
+            # time on the CUDA backend.
+            loss, norm = self._step(images, tokens, target_mask(tokens))
+        # Start the step now and return: the host draws the next batch while the GPU runs this one (torch's
+        # CUDA queue does the same by itself). Unevaluated, the step would wait for the next read of the loss.
+        mx.async_eval(loss, norm, self._state)
         self.step_count += 1
         return loss, norm
 

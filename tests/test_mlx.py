@@ -218,14 +218,28 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         ckpt.from_numpy(ckpt.build(cfg), bad)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("offset,t", [(0, 17), (5, 1), (40, 3)])
-def test_plain_rope_equals_the_fused_kernel(offset, t):
-    """The plain-ops RoPE the CUDA backend uses computes what mx.fast.rope does (interleaved pairs)."""
+def test_plain_rope_equals_the_fused_kernel(offset, t, dtype):
+    """The plain-ops RoPE the CUDA backend uses computes what mx.fast.rope does (interleaved pairs); in bf16
+    (the training step) as a matmul per position, whose gradient is the inverse rotation's."""
     from mla_mlx.attention import rope_plain
 
-    x = mx.random.normal((2, 3, t, 8))
-    fused = mx.fast.rope(x, 8, traditional=True, base=10000.0, scale=1.0, offset=offset)
-    np.testing.assert_allclose(np.array(rope_plain(x, offset, 10000.0)), np.array(fused), atol=2e-5, rtol=1e-5)
+    dt = getattr(mx, dtype)
+    x = mx.random.normal((2, 3, t, 8)).astype(dt)
+    fused = mx.fast.rope(x.astype(mx.float32), 8, traditional=True, base=10000.0, scale=1.0, offset=offset)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == "float32" else dict(atol=3e-2, rtol=2e-2)
+    plain = rope_plain(x, offset, 10000.0)
+    assert plain.dtype == dt and plain.shape == x.shape
+    np.testing.assert_allclose(np.array(plain.astype(mx.float32)), np.array(fused), **tol)
+    g = mx.random.normal(x.shape).astype(dt)
+    grad = mx.vjp(lambda v: rope_plain(v, offset, 10000.0), [x], [g])[1][0]
+    inverse = mx.vjp(
+        lambda v: mx.fast.rope(v, 8, traditional=True, base=10000.0, scale=1.0, offset=offset),
+        [x.astype(mx.float32)],
+        [g.astype(mx.float32)],
+    )[1][0]
+    np.testing.assert_allclose(np.array(grad.astype(mx.float32)), np.array(inverse), **tol)
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "0"), ("1", "1")])
@@ -255,3 +269,74 @@ def test_plain_rope_table_made_inside_a_compiled_function_is_a_constant():
     fused = np.array(mx.fast.rope(x, 8, traditional=True, base=10000.0, scale=1.0, offset=7))
     np.testing.assert_allclose(inside, fused, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(outside, fused, atol=2e-5, rtol=1e-5)
+
+
+# ---- the training step's forms that the CUDA backend builds fewer kernels for: the same function
+def test_gelu_derivative_written_out_is_nn_gelus():
+    import mlx.nn as nn
+
+    from mla_mlx.model import gelu
+
+    x = mx.random.normal((4096,), key=mx.random.key(1)) * 4
+    g = mx.random.normal((4096,), key=mx.random.key(2))
+    assert mx.array_equal(gelu(x), nn.gelu(x))  # the forward is nn.gelu itself
+    ours = mx.vjp(gelu, [x], [g])[1][0]
+    theirs = mx.vjp(nn.gelu, [x], [g])[1][0]
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
+    compiled = mx.compile(mx.grad(lambda v: (gelu(v) * g).sum()))
+    np.testing.assert_allclose(np.array(compiled(x)), np.array(theirs), rtol=1e-5, atol=1e-6)
+    # bf16 in, bf16 out, computed in float32: nearer the float32 derivative than autodiff in bf16 gets
+    xb, gb = x.astype(mx.bfloat16), g.astype(mx.bfloat16)
+    exact = np.array(mx.vjp(nn.gelu, [xb.astype(mx.float32)], [gb.astype(mx.float32)])[1][0])
+    ours_b = mx.vjp(gelu, [xb], [gb])[1][0]
+    assert ours_b.dtype == mx.bfloat16
+    err = np.abs(np.array(ours_b.astype(mx.float32)) - exact).max()
+    assert err <= np.abs(np.array(mx.vjp(nn.gelu, [xb], [gb])[1][0].astype(mx.float32)) - exact).max()
+
+
+def test_training_embeds_tokens_as_a_one_hot_product_with_the_lookups_values_and_gradient():
+    cfg = ModelConfig.preset("tiny")
+    model = ckpt.build(cfg)
+    tokens = mx.array(_tokens(cfg, 8, seed=4))
+    model.eval()
+    looked_up = model.embed_tokens(tokens)
+    model.train()
+    assert mx.array_equal(model.embed_tokens(tokens), looked_up)
+    cot = mx.random.normal(looked_up.shape, key=mx.random.key(3))
+
+    def grad(training):
+        model.train(training)
+
+        def total(w):
+            model.update({"token_embed": {"weight": w}})
+            return (model.embed_tokens(tokens) * cot).sum()
+
+        return mx.grad(total)(model.token_embed.weight)
+
+    np.testing.assert_allclose(np.array(grad(True)), np.array(grad(False)), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_is_mlx_optimizers():
+    import mlx.optimizers as optim
+
+    grads = {"a": mx.random.normal((30, 7), key=mx.random.key(5)), "b": [mx.random.normal((3,), key=mx.random.key(6))]}
+    for max_norm in (0.5, 1e3):
+        ours, norm = mtrain.clip_grad_norm(grads, max_norm)
+        theirs, norm2 = optim.clip_grad_norm(grads, max_norm)
+        assert float(norm) == pytest.approx(float(norm2), rel=1e-6)
+        for (_, a), (_, b) in zip(tree_flatten(ours), tree_flatten(theirs)):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7)
+
+
+def test_loss_with_the_mask_made_outside_is_the_loss():
+    cfg = ModelConfig.preset("tiny")
+    model = ckpt.build(cfg)
+    images, tokens = mx.array(_images(cfg, 6, seed=7)), mx.array(_tokens(cfg, 6, seed=7))
+    assert int((tokens == PAD).sum()) > 0  # the case the mask is for
+    inside = mtrain.loss_fn(model, images, tokens)
+    outside = mtrain.loss_fn(model, images, tokens, mask=mtrain.target_mask(tokens))
+    logits = model(images, tokens[:, :-1]).astype(mx.float32)
+    keep = np.array(tokens[:, 1:] != PAD)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.array(tokens[:, 1:])[..., None], -1)[..., 0]
+    assert float(inside) == float(outside) == pytest.approx(-picked[keep].mean(), rel=1e-5)
