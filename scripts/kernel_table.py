@@ -25,17 +25,18 @@ from convert.presets import PRESETS  # noqa: E402
 from convert.training import TrainConfig  # noqa: E402
 from mla_mnist.backends import get_backend  # noqa: E402
 from mla_mnist.bench.suites import synthetic_batch  # noqa: E402
+from mla_mnist.cli import positive_int  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--framework", choices=("torch", "mlx"), default="mlx")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3, help="traced steps (after 3 untraced)")
+    ap.add_argument("--batch-size", type=positive_int, default=256)
+    ap.add_argument("--steps", type=positive_int, default=3, help="traced steps (after 3 untraced)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--unpadded", action="store_true", help="MLX: without the attention layout of its training step")
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=positive_int, default=25)
     ap.add_argument("--json", type=Path, help="also write the table here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)

@@ -64,3 +64,6 @@ def test_kernel_table_script_refuses_in_one_line_without_a_cuda_gpu_or_over_a_fi
         assert run.returncode == 2 and run.stderr.strip() == (
             "kernel_table: needs a CUDA GPU (torch.cuda.is_available() is False)"
         )
+    for bad in (["--steps", "0"], ["--batch-size", "x"], ["--top", "-1"]):
+        run = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and f"argument {bad[0]}" in run.stderr, bad
